@@ -1,0 +1,77 @@
+"""`lmforge <command>`: builds the command's config (YAML file + --section.key=value overrides)
+and calls the stage's function. Errors about the user's input print one line, no traceback."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from typing import Any
+
+from lmforge.config import build, help_text
+from lmforge.errors import LmforgeError
+
+
+def _commands() -> dict[str, tuple[type, Callable[[Any], Any], str]]:
+    from lmforge.run import RunConfig, run
+    from lmforge.stages import (
+        ChatConfig,
+        ConvertConfig,
+        GenerateConfig,
+        TokenizeConfig,
+        TokenizerTrainConfig,
+        chat,
+        convert,
+        generate_text,
+        tokenize_corpus,
+        train_tokenizer,
+    )
+    from lmforge.train.pretrain import PretrainConfig, pretrain
+
+    return {
+        "run": (RunConfig, run, "the whole pipeline on a small default, with a report card"),
+        "tokenizer train": (TokenizerTrainConfig, train_tokenizer, "train a byte-level BPE"),
+        "data tokenize": (TokenizeConfig, tokenize_corpus, "tokenize a corpus into shards"),
+        "pretrain": (PretrainConfig, pretrain, "pre-train a model on token shards"),
+        "generate": (GenerateConfig, generate_text, "continue prompts with a model"),
+        "chat": (ChatConfig, chat, "a chat REPL with a model"),
+        "convert": (ConvertConfig, convert, "convert lmforge <-> Hugging Face checkpoints"),
+    }
+
+
+def usage(commands: dict) -> str:
+    lines = ["usage: lmforge <command> [CONFIG.yaml] [--section.key=value ...]", "", "commands:"]
+    lines += [f"  {name:<18} {doc}" for name, (_, _, doc) in commands.items()]
+    lines += ["", "`lmforge <command> --help` lists every option with its default."]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    commands = _commands()
+    name = next((n for n in commands if argv[: len(n.split())] == n.split()), None)
+    if name is None:
+        print(
+            usage(commands),
+            file=sys.stderr if argv and argv[0] not in ("-h", "--help") else sys.stdout,
+        )
+        return 0 if not argv or argv[0] in ("-h", "--help") else 2
+    cls, fn, doc = commands[name]
+    args = argv[len(name.split()) :]
+    if "-h" in args or "--help" in args:
+        print(f"lmforge {name}: {doc}\n\n{cls.__doc__}\n\noptions:\n{help_text(cls)}")
+        return 0
+    yaml_path = args.pop(0) if args and not args[0].startswith("--") else None
+    try:
+        fn(build(cls, yaml_path, args))
+    except LmforgeError as e:
+        print(f"lmforge {name}: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+def entry() -> None:
+    """Console-script entry point."""
+    sys.exit(main())

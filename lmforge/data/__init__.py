@@ -1,0 +1,1 @@
+"""Corpus sources, filters and token shards."""

@@ -1,0 +1,56 @@
+"""Normalization layers and feed-forward blocks (seed 002, 4.2.2)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lmforge.model.config import ModelConfig
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square norm (Zhang & Sennrich 2019): no centring, no bias; fp32 statistics."""
+
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.float32:
+            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
+        # Low precision: normalise in fp32 as Llama does, then scale in the input dtype.
+        y = F.rms_norm(x.float(), self.weight.shape, None, self.eps).to(x.dtype)
+        return y * self.weight
+
+
+def make_norm(config: ModelConfig) -> nn.Module:
+    if config.norm == "rmsnorm":
+        return RMSNorm(config.d_model, config.norm_eps)
+    return nn.LayerNorm(config.d_model, eps=config.norm_eps, bias=config.bias)
+
+
+class MLP(nn.Module):
+    """Position-wise feed-forward: GeLU MLP (GPT-2) or gated SwiGLU (Shazeer 2020; Llama).
+
+    For SwiGLU the gate and up projections are one fused matrix `w_in` = [gate; up], so one
+    matmul reads the input once.
+    """
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.kind = config.mlp
+        hidden = config.ff_dim
+        n_in = 2 * hidden if self.kind == "swiglu" else hidden
+        self.w_in = nn.Linear(config.d_model, n_in, bias=config.bias)
+        self.w_out = nn.Linear(hidden, config.d_model, bias=config.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.w_in(x)
+        if self.kind == "swiglu":
+            gate, up = h.chunk(2, dim=-1)
+            h = F.silu(gate) * up
+        else:
+            h = F.gelu(h, approximate="tanh" if self.kind == "gelu_tanh" else "none")
+        return self.w_out(h)

@@ -1,0 +1,41 @@
+"""Position encodings: rotary (RoPE, Su et al. 2021) and learned absolute (GPT-2)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class RotaryEmbedding(nn.Module):
+    """Precomputed cos/sin tables for RoPE in the "rotate half" layout used by Llama/GPT-NeoX.
+
+    Dimension i of the first half is paired with dimension i of the second half and rotated by
+    angle pos * theta^(-2i/d).
+    """
+
+    def __init__(self, head_dim: int, max_seq_len: int, theta: float) -> None:
+        super().__init__()
+        self.head_dim, self.max_seq_len, self.theta = head_dim, max_seq_len, theta
+        self.register_buffer("cos", torch.empty(max_seq_len, head_dim // 2), persistent=False)
+        self.register_buffer("sin", torch.empty(max_seq_len, head_dim // 2), persistent=False)
+        self.reset_tables()
+
+    def reset_tables(self) -> None:
+        """(Re)compute the tables in fp32, e.g. after the model was built on the meta device."""
+        device = self.cos.device
+        dims = torch.arange(0, self.head_dim, 2, dtype=torch.float32, device=device)
+        inv_freq = 1.0 / self.theta ** (dims / self.head_dim)
+        pos = torch.arange(self.max_seq_len, dtype=torch.float32, device=device)
+        angles = torch.outer(pos, inv_freq)
+        self.cos, self.sin = angles.cos(), angles.sin()
+
+    def forward(self, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin of shape (B or 1, 1, T, head_dim/2) for position ids of shape (B or 1, T)."""
+        return self.cos[position_ids].unsqueeze(1), self.sin[position_ids].unsqueeze(1)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate (B, H, T, D) queries or keys by the angles in cos/sin (B, 1, T, D/2)."""
+    x1, x2 = x.chunk(2, dim=-1)
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)

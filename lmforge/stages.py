@@ -1,0 +1,199 @@
+"""Configs and entry functions of the small commands: tokenizer training, tokenizing a corpus,
+generation, chat and checkpoint conversion. Each is callable from Python and from the CLI."""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from lmforge.config import field_
+from lmforge.errors import ConfigError
+
+
+@dataclass
+class TokenizerTrainConfig:
+    """Train a byte-level BPE tokenizer on a corpus."""
+
+    input: list[str] = field_([], "text/JSONL/Parquet files, folders or globs")
+    vocab_size: int = field_(8192, "vocabulary size including special tokens", ge=257)
+    min_frequency: int = field_(2, "minimum pair frequency for a merge", ge=1)
+    text_key: str = field_("text", "field holding the text in JSONL/Parquet")
+    skip_bad: bool = field_(False, "skip files that are not UTF-8 instead of failing")
+    out: str = field_("tokenizer", "directory to write tokenizer.json into")
+
+
+def train_tokenizer(config: TokenizerTrainConfig):
+    from lmforge.data.sources import iter_documents
+    from lmforge.tokenizer import train_bpe
+
+    if not config.input:
+        raise ConfigError("input: give at least one corpus file or folder (--input=PATH)")
+    stats: dict = {}
+    docs = iter_documents(
+        config.input, text_key=config.text_key, skip_bad=config.skip_bad, stats=stats
+    )
+    tokenizer = train_bpe(
+        (d["text"] for d in docs), config.vocab_size, min_frequency=config.min_frequency
+    )
+    Path(config.out).mkdir(parents=True, exist_ok=True)
+    tokenizer.save(config.out)
+    if stats.get("skipped_files"):
+        print(f"skipped {stats['skipped_files']} file(s) that are not UTF-8", file=sys.stderr)
+    print(f"tokenizer with {tokenizer.vocab_size} tokens written to {config.out}")
+    return tokenizer
+
+
+@dataclass
+class TokenizeConfig:
+    """Tokenize a corpus into token shards (train/validation split by document)."""
+
+    input: list[str] = field_([], "text/JSONL/Parquet files, folders or globs")
+    tokenizer: str = field_("", "tokenizer directory or tokenizer.json")
+    out: str = field_("shards", "output shard directory")
+    val_fraction: float = field_(
+        0.01, "fraction of documents held out for validation", ge=0, le=0.5
+    )
+    seed: int = field_(0, "seed of the train/validation split")
+    text_key: str = field_("text", "field holding the text in JSONL/Parquet")
+    skip_bad: bool = field_(False, "skip files that are not UTF-8 instead of failing")
+    overwrite: bool = field_(False, "replace an existing shard directory")
+
+
+def tokenize_corpus(config: TokenizeConfig) -> dict:
+    from lmforge.data.shards import write_shards
+    from lmforge.data.sources import iter_documents
+    from lmforge.tokenizer import Tokenizer
+
+    if not config.input:
+        raise ConfigError("input: give at least one corpus file or folder (--input=PATH)")
+    if not config.tokenizer:
+        raise ConfigError("tokenizer: give a tokenizer directory or file (--tokenizer=PATH)")
+    tokenizer = Tokenizer.load(config.tokenizer)
+    docs = iter_documents(config.input, text_key=config.text_key, skip_bad=config.skip_bad)
+    index = write_shards(
+        docs,
+        tokenizer,
+        config.out,
+        val_fraction=config.val_fraction,
+        seed=config.seed,
+        overwrite=config.overwrite,
+    )
+    tokenizer.save(config.out)  # shards carry their tokenizer, so pretrain needs only --data
+    for split, files in index["splits"].items():
+        n = sum(f["tokens"] for f in files)
+        docs_n = sum(f["documents"] for f in files)
+        print(f"{split}: {docs_n:,} documents, {n:,} tokens")
+    return index
+
+
+@dataclass
+class SamplingConfig:
+    """Decoding settings shared by generate and chat."""
+
+    max_new_tokens: int = field_(128, "tokens to generate at most", ge=1)
+    temperature: float = field_(0.8, "softmax temperature (0: greedy)", ge=0)
+    top_k: int = field_(0, "sample from the k most likely tokens (0: off)", ge=0)
+    top_p: float = field_(0.95, "nucleus sampling mass", gt=0, le=1)
+    repetition_penalty: float = field_(1.0, "CTRL repetition penalty (1: off)", gt=0)
+    stop: list[str] = field_([], "stop strings")
+    seed: int | None = field_(None, "seed for reproducible sampling")
+
+
+def _sampling_params(s: SamplingConfig):
+    from lmforge.infer.generate import SamplingParams
+
+    return SamplingParams(
+        max_new_tokens=s.max_new_tokens,
+        temperature=s.temperature,
+        top_k=s.top_k,
+        top_p=s.top_p,
+        repetition_penalty=s.repetition_penalty,
+        stop_strings=tuple(s.stop),
+        seed=s.seed,
+    )
+
+
+@dataclass
+class GenerateConfig:
+    """Continue one or more prompts with a model."""
+
+    model: str = field_("", "checkpoint, run or Hugging Face directory")
+    prompt: list[str] = field_([], "prompt text(s); several are decoded as one batch")
+    sampling: SamplingConfig = field_(SamplingConfig(), "decoding settings")
+    device: str = field_("cpu", "cpu or cuda")
+
+
+def generate_text(config: GenerateConfig) -> list[str]:
+    from lmforge.infer.generate import generate
+    from lmforge.loading import load, load_tokenizer
+
+    if not config.model or not config.prompt:
+        raise ConfigError("give --model=PATH and at least one --prompt=TEXT")
+    model, tokenizer = load(config.model, device=config.device), load_tokenizer(config.model)
+    prompts = [tokenizer.encode(p, add_bos=tokenizer.bos_id is not None) for p in config.prompt]
+    results = generate(model, prompts, _sampling_params(config.sampling), tokenizer=tokenizer)
+    texts = [r.text for r in results]
+    for prompt, text in zip(config.prompt, texts):
+        print(f"{prompt}{text}\n")
+    return texts
+
+
+@dataclass
+class ChatConfig:
+    """A plain chat REPL (ChatML or the tokenizer's chat template)."""
+
+    model: str = field_("", "checkpoint, run or Hugging Face directory")
+    system: str = field_("", "system prompt")
+    sampling: SamplingConfig = field_(SamplingConfig(max_new_tokens=256), "decoding settings")
+    device: str = field_("cpu", "cpu or cuda")
+
+
+def chat(config: ChatConfig) -> None:
+    from lmforge.infer.generate import stream
+    from lmforge.loading import load, load_tokenizer
+
+    if not config.model:
+        raise ConfigError("give --model=PATH")
+    model, tokenizer = load(config.model, device=config.device), load_tokenizer(config.model)
+    messages = [{"role": "system", "content": config.system}] if config.system else []
+    params = _sampling_params(config.sampling)
+    print("chat: empty line or Ctrl-D to quit, /reset to clear the history")
+    while True:
+        try:
+            line = input("> ").strip()
+        except EOFError:
+            break
+        if not line:
+            break
+        if line == "/reset":
+            messages = messages[:1] if config.system else []
+            continue
+        messages.append({"role": "user", "content": line})
+        ids = tokenizer.encode(tokenizer.apply_chat_template(messages))
+        reply = []
+        for piece in stream(model, ids, params, tokenizer=tokenizer):
+            print(piece, end="", flush=True)
+            reply.append(piece)
+        print()
+        messages.append({"role": "assistant", "content": "".join(reply)})
+
+
+@dataclass
+class ConvertConfig:
+    """Convert between lmforge checkpoints and Hugging Face directories."""
+
+    src: str = field_("", "source checkpoint / run / Hugging Face directory")
+    dst: str = field_("", "destination directory")
+    to: Literal["lmforge", "hf"] = field_("lmforge", "destination format")
+
+
+def convert(config: ConvertConfig) -> Path:
+    from lmforge.interop.hf import convert as convert_checkpoint
+
+    if not config.src or not config.dst:
+        raise ConfigError("give --src=PATH and --dst=PATH")
+    out = convert_checkpoint(config.src, config.dst, to=config.to)
+    print(f"wrote {config.to} checkpoint to {config.dst}")
+    return out

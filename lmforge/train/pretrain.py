@@ -1,0 +1,73 @@
+"""`lmforge pretrain`: causal-LM pre-training of a Transformer on token shards."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from lmforge.config import field_, save_yaml
+from lmforge.errors import ConfigError
+from lmforge.model import ModelConfig, Transformer
+from lmforge.train.trainer import TrainConfig, Trainer
+
+
+@dataclass
+class PretrainConfig:
+    """Pre-train a model from scratch (or continue one) on token shards."""
+
+    model: ModelConfig = field_(ModelConfig(), "architecture of the model to train")
+    train: TrainConfig = field_(TrainConfig(), "optimisation and bookkeeping")
+    data: str = field_("", "token shard directory written by `lmforge data tokenize`")
+    tokenizer: str = field_(
+        "", "tokenizer saved with the model (default: the one in the shard dir)"
+    )
+    init_from: str = field_("", "start from this checkpoint's weights instead of a random init")
+    out: str = field_("runs/pretrain", "run directory (metrics, checkpoints, final model)")
+
+
+def check_fit(model_config: ModelConfig, train: TrainConfig, vocab_size: int, source: str) -> None:
+    """Fail early, naming the problem, when the data cannot be fed to the model."""
+    if vocab_size > model_config.vocab_size:
+        raise ConfigError(
+            f"the vocabulary of {source} ({vocab_size} tokens) does not fit the model "
+            f"(model.vocab_size={model_config.vocab_size}); set --model.vocab_size={vocab_size}"
+        )
+    if train.seq_len > model_config.max_seq_len:
+        raise ConfigError(
+            f"train.seq_len={train.seq_len} exceeds the model's maximum "
+            f"(model.max_seq_len={model_config.max_seq_len})"
+        )
+
+
+def pretrain(config: PretrainConfig) -> dict:
+    """Build data, tokenizer and model from the config and train; returns the run summary."""
+    from lmforge.data.shards import TokenShards
+    from lmforge.loading import load
+    from lmforge.tokenizer import Tokenizer
+
+    if not config.data:
+        raise ConfigError("data: give the token shard directory (--data=DIR)")
+    train_data = TokenShards(config.data, "train")
+    val_data = TokenShards(config.data, "validation")
+    tokenizer = None
+    if config.tokenizer:
+        tokenizer = Tokenizer.load(config.tokenizer)
+    elif (Path(config.data) / "tokenizer.json").is_file():
+        tokenizer = Tokenizer.load(config.data)
+    check_fit(config.model, config.train, train_data.vocab_size, config.data)
+
+    torch.manual_seed(config.train.seed)
+    if config.init_from:
+        model = load(config.init_from)
+        if model.config != config.model:
+            config.model = model.config
+            check_fit(config.model, config.train, train_data.vocab_size, config.data)
+    else:
+        model = Transformer(config.model)
+    out = Path(config.out)
+    out.mkdir(parents=True, exist_ok=True)
+    save_yaml(config, out / "run.yaml")  # not config.yaml: that name marks a model dir
+    trainer = Trainer(model, config.train, train_data, out, val_data=val_data, tokenizer=tokenizer)
+    return trainer.fit()
