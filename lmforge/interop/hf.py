@@ -451,10 +451,12 @@ def load_hf(
     config = hf_to_model_config(hf)
     sd, source = read_hf_weights(path)
     model = model_from_weights(
-        config, hf_state_dict_to_lmforge(sd, hf, config), source=source, device=device
+        config,
+        hf_state_dict_to_lmforge(sd, hf, config),
+        source=source,
+        device=device,
+        dtype=dtype or torch.float32,
     )
-    if dtype is not None:
-        model.to(dtype)
     return model.eval()
 
 

@@ -6,7 +6,6 @@ complete, so a crash mid-write leaves the previous checkpoint untouched and usab
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import uuid
@@ -115,7 +114,7 @@ def load_weights(model: Transformer, weights: dict[str, torch.Tensor], source: s
                 f"{source}: {name} has shape {tuple(tensor.shape)}, "
                 f"the config needs {tuple(expected[name].shape)}"
             )
-    model.load_state_dict(weights, strict=False)
+    model.load_state_dict(weights, strict=False, assign=True)
 
 
 def load_model(
@@ -131,9 +130,9 @@ def load_model(
         weights = load_file(str(weights_path))
     except (SafetensorError, OSError, ValueError) as e:
         raise CheckpointError(f"{weights_path} is truncated or corrupt: {e}") from None
-    model = model_from_weights(config, weights, source=str(weights_path), device=device)
-    if dtype is not None:
-        model.to(dtype)
+    model = model_from_weights(
+        config, weights, source=str(weights_path), device=device, dtype=dtype or torch.float32
+    )
     return model.eval()
 
 
@@ -143,18 +142,17 @@ def model_from_weights(
     *,
     source: str,
     device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
 ) -> Transformer:
-    """Build a Transformer without running its random init, then fill it from `weights`."""
+    """Build a Transformer on the meta device and adopt `weights` (converted to `dtype`) as its
+    parameters: no random init, and no copy when the stored dtype is already `dtype`."""
+    weights = {k: v.to(dtype) for k, v in weights.items()}
     with torch.device("meta"):
         model = Transformer(config)
-    model.to_empty(device=device)
-    if model.rope is not None:  # non-persistent buffers are not in the file: recompute them
-        model.rope.reset_tables()
-    if config.tie_embeddings:  # to_empty materializes the two uses of the tied weight apart
-        model.lm_head.weight = model.embed.weight
     load_weights(model, weights, source)
-    return model
-
-
-def save_json(obj: Any, path: Path) -> None:
-    path.write_text(json.dumps(obj, indent=2))
+    if config.tie_embeddings:
+        model.lm_head.weight = model.embed.weight
+    if model.rope is not None:  # non-persistent buffers are not in the file: recompute them
+        model.rope.to_empty(device=device)
+        model.rope.reset_tables()
+    return model.to(device)

@@ -11,6 +11,7 @@ import contextlib
 import json
 import math
 import shutil
+import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -106,6 +107,7 @@ class Trainer:
         self.device = resolve_device(config.device)
         self.model = model.to(self.device)
         self.forward_model = torch.compile(model) if config.compile else model
+        self._compile_ok = False
         c = config
         self.optimizer = make_adamw(model, c.lr, c.weight_decay, c.betas, c.eps)
         self.tokens_per_batch = tokens_per_batch or (lambda b: b[0].numel())
@@ -189,13 +191,28 @@ class Trainer:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.autocast_dtype)
 
+    def _forward_loss(self, batch: Any) -> torch.Tensor:
+        if self.forward_model is self.model or self._compile_ok:
+            return self.objective(self.forward_model, batch)
+        try:
+            loss = self.objective(self.forward_model, batch)
+        except Exception as e:  # e.g. no C++ compiler for inductor: train eagerly instead
+            print(
+                f"torch.compile failed ({type(e).__name__}: {e}); training eagerly", file=sys.stderr
+            )
+            self.forward_model = self.model
+            return self.objective(self.model, batch)
+        self._compile_ok = True
+        return loss
+
     @torch.no_grad()
     def evaluate(self) -> float:
-        """Mean validation loss over the first `eval_batches` sequential windows."""
+        """Mean validation loss over the first `eval_batches` sequential windows (eager: a
+        compiled graph for evaluation would cost another compilation)."""
         self.model.eval()
         c = self.config
         losses = [
-            self.objective(self.forward_model, _to(b, self.device)).item()
+            self.objective(self.model, _to(b, self.device)).item()
             for b in self.val_data.eval_batches(c.batch_size, c.seq_len, c.eval_batches)
         ]
         self.model.train()
@@ -220,7 +237,7 @@ class Trainer:
             )
             batch = _to(batch, self.device)
             with self._autocast():
-                loss = self.objective(self.forward_model, batch)
+                loss = self._forward_loss(batch)
             (loss / c.grad_accum).backward()
             total += loss.item()
             self.tokens_seen += self.tokens_per_batch(batch)

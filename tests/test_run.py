@@ -1,0 +1,64 @@
+"""`lmforge run`: the main job end to end (tiny settings; the full default run is `slow`)."""
+
+import json
+import time
+
+import pytest
+
+from lmforge.cli import main
+
+
+def test_run_on_user_data_writes_report(tmp_path):
+    data = tmp_path / "texts.jsonl"
+    lines = [
+        json.dumps({"text": f"Sentence number {i} says hello to the world. " * 4})
+        for i in range(60)
+    ]
+    data.write_text("\n".join(lines) + "\n")
+    out = tmp_path / "run"
+    args = [
+        "run",
+        f"--data={data}",
+        f"--out={out}",
+        "--vocab_size=300",
+        "--model.d_model=32",
+        "--model.n_layers=1",
+        "--model.n_heads=2",
+        "--model.n_kv_heads=1",
+        "--train.steps=30",
+        "--train.batch_size=4",
+        "--train.seq_len=32",
+        "--train.lr=1e-2",
+        "--train.warmup_steps=5",
+        "--train.eval_every=10",
+        "--train.save_every=0",
+        "--train.compile=false",
+        "--sample_tokens=8",
+        "--prompts=[Sentence]",
+    ]
+    assert main(args) == 0
+    report = (out / "report.md").read_text()
+    summary = json.loads((out / "summary.json").read_text())
+    assert (out / "loss.png").stat().st_size > 1000
+    for key in [
+        "parameters (total / non-embedding)",
+        "tokens seen",
+        "throughput (tokens/s)",
+        "final validation loss",
+        "unigram entropy",
+        "## Samples",
+        "Sentence",
+    ]:
+        assert key in report
+    assert summary["tokens_seen"] == 30 * 4 * 32
+    # A repetitive corpus: even this tiny model must beat the context-free baseline.
+    assert summary["final_val_loss"] < summary["unigram_entropy"]
+
+
+@pytest.mark.slow
+def test_default_run_beats_unigram_entropy_in_five_minutes(tmp_path):
+    start = time.perf_counter()
+    assert main(["run", f"--out={tmp_path}"]) == 0
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert time.perf_counter() - start < 300
+    assert summary["final_val_loss"] < summary["unigram_entropy"] - 1.0
