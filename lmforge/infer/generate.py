@@ -209,35 +209,42 @@ def _prepare(
     return [_Sequence(list(p), max_new, stop_ids, params.stop_strings, tokenizer) for p in prompts]
 
 
+def _left_pad(
+    prompts: list[list[int]], pad_id: int, new_tokens: int
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(B, longest) ids padded on the left, and an attention mask with `new_tokens` more columns
+    of ones for the tokens to come, sliced per step (None when no row is padded, which keeps
+    SDPA on its fastest path)."""
+    lengths = [len(p) for p in prompts]
+    longest = max(lengths)
+    ids = torch.full((len(prompts), longest), pad_id, dtype=torch.long)
+    mask = torch.ones(len(prompts), longest + new_tokens, dtype=torch.long)
+    for row, p in enumerate(prompts):
+        ids[row, longest - len(p) :] = torch.tensor(p)
+        mask[row, : longest - len(p)] = 0
+    return ids, (mask if min(lengths) < longest else None)
+
+
 @torch.inference_mode()
 def _decode(
     model: Transformer, seqs: list[_Sequence], params: SamplingParams, pad_id: int
 ) -> Iterator[None]:
-    """Prefill all prompts at once (left-padded), then decode one token per step with the KV
-    cache, pushing each token into its sequence and yielding after each step. Finished rows leave
-    the batch so they cost nothing."""
-    lengths = [len(s.prompt) for s in seqs]
-    B, longest, max_new = len(seqs), max(lengths), seqs[0].max_new
-    cache = model.new_cache(B, max_len=longest + max_new - 1)
+    """Prefill all prompts at once, then decode one token per step with the KV cache, pushing
+    each token into its sequence and yielding after each step. Finished rows leave the batch so
+    they cost nothing."""
+    prompts = [s.prompt for s in seqs]
+    longest, max_new = max(len(p) for p in prompts), seqs[0].max_new
+    cache = model.new_cache(len(seqs), max_len=longest + max_new - 1)
     device = cache.k.device
-    ids = torch.full((B, longest), pad_id, dtype=torch.long)
-    for row, s in enumerate(seqs):
-        ids[row, longest - len(s.prompt) :] = torch.tensor(s.prompt)
-    ids = ids.to(device)
-    # One mask for the whole run, sliced per step; None when nothing is padded keeps SDPA on its
-    # fastest path. Positions are passed explicitly so the model need not cumsum the mask.
-    mask = None
-    if min(lengths) != longest:
-        mask = torch.ones(B, longest + max_new, dtype=torch.long)
-        for row, n in enumerate(lengths):
-            mask[row, : longest - n] = 0
-        mask = mask.to(device)
-    positions = torch.tensor(lengths, device=device)[:, None]
+    ids, mask = _left_pad(prompts, pad_id, max_new)
+    ids, mask = ids.to(device), (mask.to(device) if mask is not None else None)
+    # Positions are passed explicitly so the model need not cumsum the mask every step.
+    positions = torch.tensor([[len(p)] for p in prompts], device=device)
     seen = None
     if params.repetition_penalty != 1.0:
-        seen = torch.zeros(B, model.config.vocab_size, dtype=torch.bool, device=device)
-        for row, s in enumerate(seqs):
-            seen[row, s.prompt] = True
+        seen = torch.zeros(len(seqs), model.config.vocab_size, dtype=torch.bool, device=device)
+        for row, p in enumerate(prompts):
+            seen[row, p] = True
     generator = None
     if params.seed is not None:
         generator = torch.Generator(device).manual_seed(params.seed)
@@ -249,9 +256,8 @@ def _decode(
         if seen is not None:
             logits = apply_repetition_penalty(logits, seen, params.repetition_penalty)
         tokens = sample_next(logits, params, generator)
-        done = [
-            s.push(t) for s, t in zip(active, tokens.tolist(), strict=True)
-        ]  # the step's one host sync
+        # tolist() is the step's one host sync.
+        done = [s.push(t) for s, t in zip(active, tokens.tolist(), strict=True)]
         yield
         if any(done):
             keep = [row for row, d in enumerate(done) if not d]

@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lmforge.model.config import ModelConfig
+from lmforge.model.layers import Linear
 from lmforge.model.positions import apply_rotary
 
 # torch >= 2.5 lets SDPA broadcast K/V heads itself (no copy); older versions need an expand.
@@ -89,8 +90,8 @@ class Attention(nn.Module):
             config.dim_head,
         )
         qkv_out = (self.n_heads + 2 * self.kv_heads) * self.head_dim
-        self.qkv = nn.Linear(config.d_model, qkv_out, bias=config.has_qkv_bias)
-        self.out = nn.Linear(self.n_heads * self.head_dim, config.d_model, bias=config.bias)
+        self.qkv = Linear(config.d_model, qkv_out, bias=config.has_qkv_bias)
+        self.out = Linear(self.n_heads * self.head_dim, config.d_model, bias=config.bias)
         self.dropout = config.dropout
 
     def forward(
@@ -101,19 +102,14 @@ class Attention(nn.Module):
         cache: KVCache | None = None,
     ) -> torch.Tensor:
         B, T, _ = x.shape
-        q, k, v = self.qkv(x).split(
-            [
-                self.n_heads * self.head_dim,
-                self.kv_heads * self.head_dim,
-                self.kv_heads * self.head_dim,
-            ],
-            dim=-1,
-        )
-        q = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
-        k = k.view(B, T, self.kv_heads, self.head_dim).transpose(1, 2)
-        v = v.view(B, T, self.kv_heads, self.head_dim).transpose(1, 2)
+        H, KV = self.n_heads, self.kv_heads
+        # One (B, heads, T, D) view of the fused projection; q and k heads are adjacent, so a
+        # single rotary call turns both (half the small ops of a decode step's attention).
+        qkv = self.qkv(x).view(B, T, H + 2 * KV, self.head_dim).transpose(1, 2)
+        qk, v = qkv[:, : H + KV], qkv[:, H + KV :]
         if rope is not None:
-            q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
+            qk = apply_rotary(qk, *rope)
+        q, k = qk[:, :H], qk[:, H:]
         past = 0
         if cache is not None:
             past = cache.length

@@ -9,7 +9,7 @@ from torch import nn
 
 from lmforge.model.attention import Attention, KVCache, build_mask
 from lmforge.model.config import ModelConfig
-from lmforge.model.layers import MLP, RMSNorm, make_norm
+from lmforge.model.layers import MLP, Linear, RMSNorm, make_norm
 from lmforge.model.positions import RotaryEmbedding
 
 
@@ -45,7 +45,7 @@ class Transformer(nn.Module):
         self.drop = nn.Dropout(config.dropout)
         self.blocks = nn.ModuleList(Block(config, i) for i in range(config.n_layers))
         self.norm = make_norm(config)
-        self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
+        self.lm_head = Linear(config.d_model, config.vocab_size, bias=False)
         if config.tie_embeddings:
             self.lm_head.weight = self.embed.weight
         self.reset_parameters()

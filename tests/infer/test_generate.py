@@ -1,7 +1,8 @@
-"""Generation: cached decoding against full recomputation, batching, sampling, stopping, streaming."""
+"""Generation: cached decoding vs full recomputation, batching, sampling, stopping, streaming."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -127,11 +128,15 @@ def test_repetition_penalty_greedy_matches_reference(model: Transformer) -> None
     assert out.tokens != greedy_by_recomputation(model, prompt, 20)
 
 
-def test_batch_of_different_lengths_matches_each_prompt_alone(model: Transformer) -> None:
+@pytest.mark.parametrize("penalty", [1.0, 1.5])
+def test_batch_of_different_lengths_matches_each_prompt_alone(
+    model: Transformer, penalty: float
+) -> None:
     prompts = [[1, 2, 3], [40, 41, 42, 43, 44, 45, 46], [9], [60, 61, 62, 63, 64]]
     # A stop token that ends some rows early exercises dropping finished rows from the batch.
-    stop = generate(model, [prompts[0]], GREEDY)[0].tokens[3]
-    params = SamplingParams(max_new_tokens=12, temperature=0.0, stop_token_ids=(stop,))
+    params = SamplingParams(max_new_tokens=12, temperature=0.0, repetition_penalty=penalty)
+    stop = generate(model, [prompts[0]], params)[0].tokens[3]
+    params = dataclasses.replace(params, stop_token_ids=(stop,))
     alone = [generate(model, [p], params)[0] for p in prompts]
     assert any(g.finish_reason == "stop" for g in alone)
     assert any(g.finish_reason == "length" for g in alone)
