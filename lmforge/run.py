@@ -46,6 +46,8 @@ def _demo_train() -> TrainConfig:
         eval_batches=16,
         save_every=200,
         log_every=10,
+        # A safety net for slower machines: the demo must finish in minutes.
+        time_limit_s=210,
     )
 
 
@@ -160,6 +162,10 @@ def run(config: RunConfig) -> Path:
         "tokens seen": summary["tokens_seen"],
         "training time (s)": round(summary["train_seconds"], 1),
         "throughput (tokens/s)": round(summary["tokens_per_second"]),
+        "MFU (PaLM formula vs measured matmul peak)": f"{100 * summary['mfu']:.0f}% of "
+        f"{summary['peak_flops'] / 1e9:.0f} GFLOP/s",
+        "optimizer steps": f"{summary['steps']}"
+        + (" (stopped by the time limit)" if summary["stopped_by_time_limit"] else ""),
         "final validation loss (nats/token)": round(summary["final_val_loss"], 4),
         "unigram entropy of the corpus (nats/token)": round(entropy, 4),
         "validation perplexity": round(float(torch.tensor(summary["final_val_loss"]).exp()), 2),

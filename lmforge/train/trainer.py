@@ -55,6 +55,9 @@ class TrainConfig:
     keep_checkpoints: int = field_(2, "how many recent checkpoints to keep", ge=1)
     log_every: int = field_(10, "progress-bar refresh every N steps", ge=1)
     resume: bool = field_(True, "continue from the run directory's latest checkpoint if any")
+    time_limit_s: float = field_(
+        0.0, "stop (evaluate, save) once training has taken this many seconds (0: no limit)", ge=0
+    )
 
     def validate(self) -> None:
         if self.betas[0] >= 1 or self.betas[1] >= 1 or min(self.betas) < 0:
@@ -301,7 +304,8 @@ class Trainer:
                 "mfu": mfu,
                 "elapsed": self.elapsed,
             }
-            last = self.step == c.steps
+            out_of_time = 0 < c.time_limit_s <= self.elapsed
+            last = self.step == c.steps or out_of_time
             if self.val_data is not None and (
                 last or (c.eval_every and self.step % c.eval_every == 0)
             ):
@@ -320,10 +324,17 @@ class Trainer:
                 window_start, window_tokens = time.perf_counter(), 0
             if last or (c.save_every and self.step % c.save_every == 0):
                 self.save_checkpoint()
+            if out_of_time:
+                print(
+                    f"time limit of {c.time_limit_s:g}s reached at step {self.step}",
+                    file=sys.stderr,
+                )
+                break
         bar.close()
         save_model(self.model, self.out_dir / "model", tokenizer=self.tokenizer)
         return {
             "steps": self.step,
+            "stopped_by_time_limit": self.step < c.steps,
             "tokens_seen": self.tokens_seen,
             "train_seconds": self.elapsed,
             "tokens_per_second": self.tokens_seen / max(self.elapsed, 1e-9),
@@ -331,4 +342,5 @@ class Trainer:
             "resumed_from": resumed_from,
             "flops_per_token": flops_per_token,
             "peak_flops": self.peak_flops,
+            "mfu": flops_per_token * self.tokens_seen / max(self.elapsed, 1e-9) / self.peak_flops,
         }

@@ -200,3 +200,16 @@ def test_resume_refuses_a_different_model(tmp_path):
     )
     with pytest.raises(CheckpointError, match="model config differs"):
         Trainer(other, config(), PatternData(), tmp_path).fit()
+
+
+def test_time_limit_stops_early_with_a_final_checkpoint(tmp_path):
+    summary = Trainer(
+        small_model(),
+        config(steps=1000, time_limit_s=1e-9),
+        PatternData(),
+        tmp_path,
+        val_data=PatternData(),
+    ).fit()
+    assert summary["steps"] == 1 and summary["stopped_by_time_limit"]
+    assert summary["final_val_loss"] is not None
+    assert (tmp_path / "checkpoints" / "latest").read_text() == "step_0000001"
