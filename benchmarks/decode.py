@@ -8,13 +8,15 @@ bandwidth / weight bytes. Run: `python benchmarks/decode.py [--threads 2 --layer
 from __future__ import annotations
 
 import argparse
+import tempfile
 import time
 from collections.abc import Callable
 
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaForCausalLM
 
 from lmforge.infer.generate import SamplingParams, generate
+from lmforge.interop.hf import export_hf
 from lmforge.model import ModelConfig, Transformer
 
 
@@ -36,49 +38,10 @@ def smollm2_config(args: argparse.Namespace) -> ModelConfig:
     )
 
 
-def to_transformers(model: Transformer) -> LlamaForCausalLM:
-    """The same weights in a transformers Llama: split fused qkv and [gate; up], rename."""
-    c = model.config
-    hf = LlamaForCausalLM(
-        LlamaConfig(
-            vocab_size=c.vocab_size,
-            hidden_size=c.d_model,
-            intermediate_size=c.ff_dim,
-            num_hidden_layers=c.n_layers,
-            num_attention_heads=c.n_heads,
-            num_key_value_heads=c.kv_heads,
-            head_dim=c.dim_head,
-            max_position_embeddings=c.max_seq_len,
-            rms_norm_eps=c.norm_eps,
-            rope_parameters={"rope_type": "default", "rope_theta": c.rope_theta},
-            tie_word_embeddings=True,
-            attn_implementation="sdpa",
-        )
-    )
-    q, kv = c.n_heads * c.dim_head, c.kv_heads * c.dim_head
-    state = {
-        "model.embed_tokens.weight": model.embed.weight,
-        "model.norm.weight": model.norm.weight,
-    }
-    for i, block in enumerate(model.blocks):
-        p = f"model.layers.{i}."
-        wq, wk, wv = block.attn.qkv.weight.split([q, kv, kv])
-        gate, up = block.mlp.w_in.weight.chunk(2)
-        state |= {
-            p + "self_attn.q_proj.weight": wq,
-            p + "self_attn.k_proj.weight": wk,
-            p + "self_attn.v_proj.weight": wv,
-            p + "self_attn.o_proj.weight": block.attn.out.weight,
-            p + "mlp.gate_proj.weight": gate,
-            p + "mlp.up_proj.weight": up,
-            p + "mlp.down_proj.weight": block.mlp.w_out.weight,
-            p + "input_layernorm.weight": block.attn_norm.weight,
-            p + "post_attention_layernorm.weight": block.mlp_norm.weight,
-        }
-    missing, unexpected = hf.load_state_dict({k: v.clone() for k, v in state.items()}, strict=False)
-    assert not unexpected and set(missing) <= {"lm_head.weight"}, (missing, unexpected)
-    hf.tie_weights()
-    return hf.eval()
+def to_transformers(model: Transformer, directory: str) -> LlamaForCausalLM:
+    """The same weights in a transformers Llama, through lmforge's own Hugging Face export."""
+    export_hf(model, directory)
+    return LlamaForCausalLM.from_pretrained(directory, attn_implementation="sdpa").eval()
 
 
 def bandwidth_gbs(gib: float = 1.0, repeats: int = 5) -> float:
@@ -112,7 +75,7 @@ def main() -> None:
     params = SamplingParams(max_new_tokens=n, temperature=0.0)
     runs = {"lmforge": lambda: generate(model, prompt.tolist(), params)[0].tokens}
     if not args.skip_transformers:
-        hf = to_transformers(model)
+        hf = to_transformers(model, tempfile.mkdtemp())
 
         @torch.inference_mode()
         def run_transformers() -> list[int]:

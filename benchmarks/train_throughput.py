@@ -4,13 +4,14 @@ Same Llama-style shapes, fp32, sequence 256, batch 8, in one run. Prints tokens/
 MFU by the PaLM formula (6N + 12*L*d*T FLOPs per token, N = every matmul weight including the
 output layer) against a matmul peak measured in the same run.
 
-    python benchmarks/train_throughput.py [--steps 10] [--sizes 7M,34M] [--compile]
+    python benchmarks/train_throughput.py [--steps 4] [--rounds 3] [--sizes 7M,34M] [--compile]
 """
 
 from __future__ import annotations
 
 import argparse
 import platform
+import statistics
 import tempfile
 import time
 
@@ -45,14 +46,25 @@ def palm_flops_per_token(shape: dict) -> float:
     return 6 * n + 12 * L * d * SEQ
 
 
-def time_steps(step_fn, steps: int, warmup: int = 2) -> float:
-    """Tokens per second over `steps` steps after `warmup` untimed ones."""
-    for _ in range(warmup):
-        step_fn()
+def time_steps(step_fn, steps: int) -> float:
+    """Tokens per second over `steps` steps."""
     start = time.perf_counter()
     for _ in range(steps):
         step_fn()
     return steps * BATCH * SEQ / (time.perf_counter() - start)
+
+
+def interleaved_rates(runners: dict, steps: int, rounds: int) -> dict[str, float]:
+    """Median tokens/s of each runner over `rounds` rounds that alternate the runners, so that
+    drift in the machine's speed (turbo, neighbours) hits all of them alike."""
+    for fn in runners.values():  # warm-up (and compilation) outside the timing
+        fn()
+        fn()
+    samples = {name: [] for name in runners}
+    for _ in range(rounds):
+        for name, fn in runners.items():
+            samples[name].append(time_steps(fn, steps))
+    return {name: statistics.median(rates) for name, rates in samples.items()}
 
 
 def lmforge_step_fn(shape: dict, compile: bool):
@@ -108,7 +120,8 @@ def transformers_step_fn(shape: dict):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--steps", type=int, default=4, help="steps per timed round")
+    parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--sizes", default="7M,34M")
     parser.add_argument("--compile", action="store_true", help="also time lmforge + torch.compile")
     args = parser.parse_args()
@@ -129,7 +142,7 @@ def main() -> None:
         }
         if args.compile:
             runners["lmforge (compile)"] = lmforge_step_fn(shape, compile=True)
-        rates = {name: time_steps(fn, args.steps) for name, fn in runners.items()}
+        rates = interleaved_rates(runners, args.steps, args.rounds)
         base = rates["transformers+AdamW"]
         for name, rate in rates.items():
             print(

@@ -4,7 +4,7 @@ generation, chat and checkpoint conversion. Each is callable from Python and fro
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Literal
 
@@ -159,6 +159,9 @@ def chat(config: ChatConfig) -> None:
     model, tokenizer = load(config.model, device=config.device), load_tokenizer(config.model)
     messages = [{"role": "system", "content": config.system}] if config.system else []
     params = _sampling_params(config.sampling)
+    end_of_turn = tokenizer.token_to_id("<|im_end|>")  # ChatML ends a turn before EOS
+    if end_of_turn is not None:
+        params = replace(params, stop_token_ids=(*params.stop_token_ids, end_of_turn))
     print("chat: empty line or Ctrl-D to quit, /reset to clear the history")
     while True:
         try:

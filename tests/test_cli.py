@@ -140,3 +140,34 @@ def test_help_lists_fields(capsys):
     assert main(["pretrain", "--help"]) == 0
     out = capsys.readouterr().out
     assert "--train.grad_accum" in out and "--model.rope_theta" in out
+
+
+def test_chat_repl_answers_and_keeps_history(workdir, monkeypatch, capsys):
+    lines = iter(["hello there", "/reset", "again", ""])
+    monkeypatch.setattr("builtins.input", lambda prompt="": next(lines))
+    seen = []
+    from lmforge.infer import generate as gen
+
+    real_stream = gen.stream
+
+    def spy(model, ids, params, **kw):
+        seen.append((list(ids), params.stop_token_ids))
+        yield from real_stream(model, ids, params, **kw)
+
+    monkeypatch.setattr(gen, "stream", spy)
+    args = [
+        "chat",
+        f"--model={workdir / 'run'}",
+        "--system=Be brief.",
+        "--sampling.max_new_tokens=4",
+        "--sampling.seed=0",
+    ]
+    assert main(args) == 0
+    tok = lmforge.load_tokenizer(workdir / "run")
+    first = tok.decode(seen[0][0])
+    assert first.startswith("<|im_start|>system\nBe brief.<|im_end|>")
+    assert first.endswith("<|im_start|>user\nhello there<|im_end|>\n<|im_start|>assistant\n")
+    assert tok.token_to_id("<|im_end|>") in seen[0][1]
+    # After /reset only the system prompt and the new question remain.
+    assert "hello there" not in tok.decode(seen[1][0]) and "again" in tok.decode(seen[1][0])
+    assert capsys.readouterr().out.startswith("chat:")
