@@ -331,6 +331,8 @@ class Trainer:
                 )
                 break
         bar.close()
+        if val_loss is None and self.val_data is not None:  # resumed a finished run
+            val_loss = self.evaluate()
         save_model(self.model, self.out_dir / "model", tokenizer=self.tokenizer)
         return {
             "steps": self.step,

@@ -213,3 +213,23 @@ def test_time_limit_stops_early_with_a_final_checkpoint(tmp_path):
     assert summary["steps"] == 1 and summary["stopped_by_time_limit"]
     assert summary["final_val_loss"] is not None
     assert (tmp_path / "checkpoints" / "latest").read_text() == "step_0000001"
+
+
+def test_bf16_autocast_trains_with_fp32_master_weights(tmp_path):
+    fp32 = Trainer(small_model(dropout=0.0), config(steps=3), PatternData(), tmp_path / "a")
+    bf16 = Trainer(
+        small_model(dropout=0.0), config(steps=3, precision="bf16"), PatternData(), tmp_path / "b"
+    )
+    a, b = fp32.train_step()[0], bf16.train_step()[0]
+    assert all(p.dtype == torch.float32 for p in bf16.model.parameters())
+    assert a != b and abs(a - b) < 0.05  # bf16 matmuls: close to fp32, not identical
+
+
+def test_rerunning_a_finished_run_is_a_no_op_that_still_reports(tmp_path):
+    first = Trainer(small_model(), config(), PatternData(), tmp_path, val_data=PatternData()).fit()
+    again = Trainer(
+        small_model(seed=5), config(), PatternData(), tmp_path, val_data=PatternData()
+    ).fit()
+    assert again["resumed_from"] == 8 and again["steps"] == 8
+    assert again["final_val_loss"] == first["final_val_loss"]
+    assert len(losses(tmp_path)) == 8
