@@ -103,14 +103,20 @@ class Trainer:
         objective: Callable[[nn.Module, Any], torch.Tensor] = causal_lm_loss,
         tokenizer: Any = None,
         tokens_per_batch: Callable[[Any], int] | None = None,
+        wrap: Callable[[nn.Module], nn.Module] | None = None,
     ) -> None:
+        """`wrap` turns the model into what the training forward calls (e.g. DDP or FSDP2);
+        checkpoints and evaluation keep using the plain model."""
         self.config, self.train_data, self.val_data = config, train_data, val_data
         self.objective, self.tokenizer = objective, tokenizer
         self.out_dir = Path(out_dir)
         self.device = resolve_device(config.device)
         self.model = model.to(self.device)
-        self.forward_model = torch.compile(model) if config.compile else model
-        self._compile_ok = False
+        self._eager_forward = wrap(self.model) if wrap is not None else self.model
+        self.forward_model = self._eager_forward
+        if config.compile:
+            self.forward_model = torch.compile(self._eager_forward)
+        self._compile_checked = not config.compile
         c = config
         self.optimizer = make_adamw(model, c.lr, c.weight_decay, c.betas, c.eps)
         self.tokens_per_batch = tokens_per_batch or (lambda b: b[0].numel())
@@ -195,7 +201,7 @@ class Trainer:
         return torch.autocast(self.device.type, dtype=self.autocast_dtype)
 
     def _forward_loss(self, batch: Any) -> torch.Tensor:
-        if self.forward_model is self.model or self._compile_ok:
+        if self._compile_checked:
             return self.objective(self.forward_model, batch)
         try:
             loss = self.objective(self.forward_model, batch)
@@ -203,9 +209,9 @@ class Trainer:
             print(
                 f"torch.compile failed ({type(e).__name__}: {e}); training eagerly", file=sys.stderr
             )
-            self.forward_model = self.model
-            return self.objective(self.model, batch)
-        self._compile_ok = True
+            self.forward_model = self._eager_forward
+            loss = self.objective(self.forward_model, batch)
+        self._compile_checked = True
         return loss
 
     @torch.no_grad()

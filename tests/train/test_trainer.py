@@ -233,3 +233,55 @@ def test_rerunning_a_finished_run_is_a_no_op_that_still_reports(tmp_path):
     assert again["resumed_from"] == 8 and again["steps"] == 8
     assert again["final_val_loss"] == first["final_val_loss"]
     assert len(losses(tmp_path)) == 8
+
+
+def test_wrap_hook_is_what_training_calls(tmp_path):
+    calls = []
+
+    class Counting(torch.nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, x):
+            calls.append(x.shape)
+            return self.inner(x)
+
+    trainer = Trainer(
+        small_model(),
+        config(steps=2),
+        PatternData(),
+        tmp_path,
+        val_data=PatternData(),
+        wrap=Counting,
+    )
+    trainer.fit()
+    assert calls == [(4, 16), (4, 16)]  # evaluation used the plain model
+    assert lmforge.load(tmp_path).state_dict().keys() == trainer.model.state_dict().keys()
+
+
+def test_compile_failure_falls_back_to_eager(tmp_path, monkeypatch, capsys):
+    def broken_compile(module):
+        def forward(*args, **kwargs):
+            raise RuntimeError("no C++ compiler")
+
+        return forward
+
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    eager = Trainer(small_model(), config(steps=3), PatternData(), tmp_path / "a").fit()
+    fallback = Trainer(
+        small_model(), config(steps=3, compile=True), PatternData(), tmp_path / "b"
+    ).fit()
+    assert "training eagerly" in capsys.readouterr().err
+    assert losses(tmp_path / "a") == losses(tmp_path / "b")
+    assert eager["steps"] == fallback["steps"] == 3
+
+
+@pytest.mark.slow
+def test_compiled_training_matches_eager(tmp_path):
+    Trainer(small_model(dropout=0.0), config(steps=3), PatternData(), tmp_path / "a").fit()
+    Trainer(
+        small_model(dropout=0.0), config(steps=3, compile=True), PatternData(), tmp_path / "b"
+    ).fit()
+    a, b = losses(tmp_path / "a"), losses(tmp_path / "b")
+    assert [r[1] for r in a] == pytest.approx([r[1] for r in b], rel=1e-4)
