@@ -3,6 +3,7 @@ and calls the stage's function. Errors about the user's input print one line, no
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -63,7 +64,11 @@ def main(argv: list[str] | None = None) -> int:
     yaml_path = args.pop(0) if args and not args[0].startswith("--") else None
     try:
         fn(build(cls, yaml_path, args))
-    except LmforgeError as e:
+    except (LmforgeError, ValueError) as e:
+        # Bad input (LmforgeError) or bad arguments to a library call (ValueError, e.g. a prompt
+        # longer than the model's context): one line. LMFORGE_DEBUG=1 shows the traceback.
+        if os.environ.get("LMFORGE_DEBUG"):
+            raise
         print(f"lmforge {name}: error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

@@ -133,6 +133,22 @@ def test_bad_inputs_get_one_clear_error(workdir, tmp_path, capsys):
     assert "did you mean 'model.d_model'" in _error(capsys)
     assert main(["generate", f"--model={tmp_path}", "--prompt=hi"]) == 1
     assert "is not a model" in _error(capsys)
+    long_prompt = "word " * 200
+    assert main(["generate", f"--model={workdir / 'run'}", f"--prompt={long_prompt}"]) == 1
+    assert "exceeds the model's max_seq_len 64" in _error(capsys)
+    assert (
+        main(
+            [
+                "data",
+                "tokenize",
+                f"--input={workdir / 'corpus'}",
+                f"--tokenizer={workdir / 'tok'}",
+                f"--out={workdir / 'shards'}",
+            ]
+        )
+        == 1
+    )
+    assert "already exists" in _error(capsys)
     assert main(["frobnicate"]) == 2
 
 

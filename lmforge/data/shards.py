@@ -81,7 +81,9 @@ def _check_replaceable(out_dir: Path, overwrite: bool) -> None:
     if not out_dir.exists() or (out_dir.is_dir() and not any(out_dir.iterdir())):
         return
     if not overwrite:
-        raise LmforgeError(f"{out_dir} already exists; pass overwrite=True to replace it")
+        raise LmforgeError(
+            f"{out_dir} already exists; pass overwrite=True (--overwrite) to replace it"
+        )
     if not (out_dir / "index.json").is_file():
         # overwrite deletes the old directory: only ever do that to a previous shard directory.
         raise LmforgeError(f"refusing to overwrite {out_dir}: it has no index.json of token shards")
