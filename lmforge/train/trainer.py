@@ -112,10 +112,11 @@ class Trainer:
         self.out_dir = Path(out_dir)
         self.device = resolve_device(config.device)
         self.model = model.to(self.device)
-        self._eager_forward = wrap(self.model) if wrap is not None else self.model
-        self.forward_model = self._eager_forward
-        if config.compile:
-            self.forward_model = torch.compile(self._eager_forward)
+        self.forward_model = wrap(self.model) if wrap is not None else self.model
+        # Compile model and objective together so the loss (log-softmax over the vocabulary)
+        # fuses with the output layer's epilogue instead of running eagerly after the graph.
+        self._eager_loss = lambda batch: self.objective(self.forward_model, batch)
+        self._loss = torch.compile(self._eager_loss) if config.compile else self._eager_loss
         self._compile_checked = not config.compile
         c = config
         self.optimizer = make_adamw(model, c.lr, c.weight_decay, c.betas, c.eps)
@@ -202,15 +203,15 @@ class Trainer:
 
     def _forward_loss(self, batch: Any) -> torch.Tensor:
         if self._compile_checked:
-            return self.objective(self.forward_model, batch)
+            return self._loss(batch)
         try:
-            loss = self.objective(self.forward_model, batch)
+            loss = self._loss(batch)
         except Exception as e:  # e.g. no C++ compiler for inductor: train eagerly instead
             print(
                 f"torch.compile failed ({type(e).__name__}: {e}); training eagerly", file=sys.stderr
             )
-            self.forward_model = self._eager_forward
-            loss = self.objective(self.forward_model, batch)
+            self._loss = self._eager_loss
+            loss = self._loss(batch)
         self._compile_checked = True
         return loss
 
