@@ -142,7 +142,9 @@ def run(config: RunConfig) -> Path:
     params = SamplingParams(
         max_new_tokens=config.sample_tokens, temperature=0.8, top_p=0.95, seed=config.train.seed
     )
-    prompts = [tokenizer.encode(p) for p in config.prompts]
+    prompts = [
+        tokenizer.encode(p, add_bos=True) for p in config.prompts
+    ]  # documents start with BOS
     results = generate(model, prompts, params, tokenizer=tokenizer)
     samples = [(p, r.text) for p, r in zip(config.prompts, results)]
     for prompt, text in samples:

@@ -37,7 +37,8 @@ def write_shards(
     batch_docs: int = 512,
     overwrite: bool = False,
 ) -> dict:
-    """Tokenize `documents` (EOS after each) into train/validation shards; return the index.
+    """Tokenize `documents` (BOS, if the tokenizer has one, before each and EOS after) into
+    train/validation shards; return the index.
 
     A document goes to validation when the hash of (seed, id or ordinal) falls below val_fraction;
     if none does and there are two or more documents, the one with the smallest hash goes there.
@@ -63,6 +64,7 @@ def write_shards(
             "version": VERSION,
             "dtype": np.dtype(dtype).name,
             "vocab_size": tokenizer.vocab_size,
+            "bos_id": tokenizer.bos_id,
             "eos_id": tokenizer.eos_id,
             "tokenizer_sha256": tokenizer.sha256,
             "seed": seed,
@@ -163,13 +165,15 @@ def _tokenize_into(
     seed: int,
     batch_docs: int,
 ) -> None:
-    eos = tokenizer.eos_id
     lowest: tuple[float, int, int, int] | None = None  # (score, shard, offset, length) in train
+    # BOS opens each document (as Llama trains) when the tokenizer has one, so a prompt that starts
+    # with BOS at generation time is in distribution; EOS always closes it.
+    add_bos = tokenizer.bos_id is not None
 
     def flush(batch: list[tuple[str, str]]) -> None:
         nonlocal lowest
-        for (_, key), ids in zip(batch, tokenizer.encode_batch([t for t, _ in batch]), strict=True):
-            ids.append(eos)
+        encoded = tokenizer.encode_batch([t for t, _ in batch], add_bos=add_bos, add_eos=True)
+        for (_, key), ids in zip(batch, encoded, strict=True):
             score = _split_score(seed, key)
             if score < val_fraction:
                 writers["validation"].add(ids)

@@ -71,6 +71,7 @@ def test_index_contents(tok, shards):
     assert index["format"] == "lmforge-shards" and index["version"] == 1
     assert index["dtype"] == "uint16" and index["vocab_size"] == tok.vocab_size
     assert index["eos_id"] == tok.eos_id and index["tokenizer_sha256"] == tok.sha256
+    assert index["bos_id"] == tok.bos_id is not None
     assert (index["seed"], index["val_fraction"]) == (0, 0.2)
     train = index["splits"]["train"]
     assert len(train) > 1 and [s["file"] for s in train][:2] == [
@@ -92,7 +93,7 @@ def test_token_stream_equals_encoded_documents(tok, shards):
     stored = {split: _documents_of(out, split) for split in ("train", "validation")}
     position = {"train": 0, "validation": 0}
     for doc in DOCS:
-        expected = tok.encode(doc["text"]) + [tok.eos_id]
+        expected = tok.encode(doc["text"], add_bos=True, add_eos=True)
         # Each document is the next one of exactly one split: order is kept within each split.
         matches = [s for s in stored if stored[s][position[s] : position[s] + 1] == [expected]]
         assert len(matches) == 1
@@ -120,7 +121,7 @@ def test_at_least_one_validation_document(tok, tmp_path):
     assert [s["file"] for s in train] == [f"train_{i:05d}.bin" for i in range(4)]
     (moved,) = _documents_of(tmp_path / "s", "validation")
     kept = _documents_of(tmp_path / "s", "train")
-    encoded = [tok.encode(t) + [tok.eos_id] for t in texts]
+    encoded = [tok.encode(t, add_bos=True, add_eos=True) for t in texts]
     assert moved in encoded and kept == [e for e in encoded if e != moved]
     single = write_shards(texts[:1], tok, tmp_path / "one", val_fraction=0.5)
     assert sum(s["documents"] for split in single["splits"].values() for s in split) == 1
