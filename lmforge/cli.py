@@ -14,6 +14,14 @@ from lmforge.errors import LmforgeError
 
 def _commands() -> dict[str, tuple[type, Callable[[Any], Any], str]]:
     from lmforge.run import RunConfig, run
+    from lmforge.scaling.commands import (
+        FitConfig,
+        PlanConfig,
+        fit_command,
+        plan_command,
+        sweep_command,
+    )
+    from lmforge.scaling.sweep import SweepConfig
     from lmforge.stages import (
         ChatConfig,
         ConvertConfig,
@@ -36,6 +44,9 @@ def _commands() -> dict[str, tuple[type, Callable[[Any], Any], str]]:
         "generate": (GenerateConfig, generate_text, "continue prompts with a model"),
         "chat": (ChatConfig, chat, "a chat REPL with a model"),
         "convert": (ConvertConfig, convert, "convert lmforge <-> Hugging Face checkpoints"),
+        "scaling sweep": (SweepConfig, sweep_command, "train a grid of runs, fit the scaling law"),
+        "scaling fit": (FitConfig, fit_command, "fit the Chinchilla law to finished runs"),
+        "plan": (PlanConfig, plan_command, "compute-optimal model and data size for a budget"),
     }
 
 
