@@ -14,15 +14,21 @@ def read_metrics(run_dir: str | Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def plot_losses(
-    metrics: list[dict], path: Path, *, baseline: float | None = None, baseline_label: str = ""
-) -> Path:
-    """Training loss (raw and smoothed) and validation loss against tokens seen."""
+def pyplot():
+    """matplotlib.pyplot with the file-only Agg backend (no display needed)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def plot_losses(
+    metrics: list[dict], path: Path, *, baseline: float | None = None, baseline_label: str = ""
+) -> Path:
+    """Training loss (raw and smoothed) and validation loss against tokens seen."""
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 4), dpi=120)
     train = [(m["tokens"], m["loss"]) for m in metrics if "loss" in m]
     if train:

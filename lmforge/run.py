@@ -80,9 +80,8 @@ def _stage(name: str) -> float:
 
 def run(config: RunConfig) -> Path:
     """Run the pipeline; returns the path of report.md."""
-    from lmforge.data.default_corpus import default_documents
+    from lmforge.data.default_corpus import corpus_or_default
     from lmforge.data.shards import TokenShards, unigram_entropy, write_shards
-    from lmforge.data.sources import iter_documents
     from lmforge.infer.generate import SamplingParams, generate
     from lmforge.report import write_report
     from lmforge.tokenizer import train_bpe
@@ -93,10 +92,7 @@ def run(config: RunConfig) -> Path:
     save_yaml(config, out / "run.yaml")
 
     t = _stage("corpus + tokenizer")
-    if config.data:
-        docs = list(iter_documents(config.data, skip_bad=config.skip_bad))
-    else:
-        docs = list(default_documents())
+    docs = corpus_or_default(config.data, skip_bad=config.skip_bad)
     texts = [d["text"] for d in docs]
     corpus_chars = sum(len(s) for s in texts)
     tokenizer = train_bpe(texts, config.vocab_size)

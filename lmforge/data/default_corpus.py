@@ -13,7 +13,7 @@ import sys
 import sysconfig
 import tempfile
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 # Third-party code, tests (full of fixture strings), and the IDE/2to3/pip payloads are not prose.
@@ -93,3 +93,10 @@ def _definitions(statements: list[ast.stmt]) -> Iterator[ast.AST]:
             children = getattr(node, field, None)
             if isinstance(children, list):
                 yield from _definitions(children)
+
+
+def corpus_or_default(paths: Sequence[str], *, skip_bad: bool = False) -> list[dict]:
+    """The user's documents when `paths` are given, else the default corpus (small by design)."""
+    from lmforge.data.sources import iter_documents
+
+    return list(iter_documents(paths, skip_bad=skip_bad) if paths else default_documents())

@@ -110,7 +110,8 @@ def _to_law(theta: np.ndarray) -> ChinchillaLaw:
     )
 
 
-def _law_values(law: ChinchillaLaw) -> dict[str, float]:
+def law_values(law: ChinchillaLaw) -> dict[str, float]:
+    """The five constants and the compute-optimal exponents a, b of a law, by name."""
     s = law.alpha + law.beta
     # a and b are the compute-optimal exponents N_opt ~ C^a, D_opt ~ C^b (Hoffmann et al. eq. 4).
     return {
@@ -168,7 +169,7 @@ def fit_chinchilla(
         i = rng.integers(0, len(loss), len(loss))
         boot_args = (args[0][i], args[1][i], args[2][i], delta)
         boot_laws.append(_to_law(_lbfgs(best, boot_args)))
-    values = [_law_values(law) for law in boot_laws]
+    values = [law_values(law) for law in boot_laws]
     intervals = (
         {k: _interval(np.array([v[k] for v in values])) for k in values[0]} if values else {}
     )

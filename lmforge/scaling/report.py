@@ -7,7 +7,8 @@ from pathlib import Path
 
 import numpy as np
 
-from lmforge.scaling.fit import ChinchillaFit
+from lmforge.report import pyplot
+from lmforge.scaling.fit import ChinchillaFit, law_values
 from lmforge.scaling.laws import CHINCHILLA, KAPLAN, ChinchillaLaw
 
 RUN_COLUMNS = [
@@ -86,10 +87,10 @@ def write_scaling_report(
     lines += [_row(["---"] * 5)]
     km = {"alpha": f"α_N = {KAPLAN.alpha_n}", "beta": f"α_D = {KAPLAN.alpha_d}"}
     for name in ("E", "A", "B", "alpha", "beta", "a", "b"):
-        value = _law_value(law, name)
+        value = law_values(law)[name]
         interval = fit.intervals.get(name)
         shown = f"{_num(interval[0])} - {_num(interval[1])}" if interval else "n/a"
-        published = _num(_law_value(CHINCHILLA, name))
+        published = _num(law_values(CHINCHILLA)[name])
         lines.append(_row([name, _num(value), shown, published, km.get(name, "")]))
     lines += [
         "",
@@ -127,25 +128,10 @@ def write_scaling_report(
     return path
 
 
-def _law_value(law: ChinchillaLaw, name: str) -> float:
-    s = law.alpha + law.beta
-    derived = {"a": law.beta / s, "b": law.alpha / s}
-    return derived[name] if name in derived else getattr(law, name)
-
-
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def _save(fig, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path)
-    _pyplot().close(fig)
+    pyplot().close(fig)
 
 
 def _compute(runs: list[dict], params: str) -> np.ndarray:
@@ -155,7 +141,7 @@ def _compute(runs: list[dict], params: str) -> np.ndarray:
 
 def _plot_loss_vs_compute(runs: list[dict], law: ChinchillaLaw, params: str, path: Path) -> None:
     """Loss vs compute per model size, the fitted law's curve for each, and the optimal frontier."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
     c = _compute(runs, params)
     grid = np.geomspace(c.min() / 3, c.max() * 3, 200)
@@ -182,7 +168,7 @@ def _plot_predicted_vs_actual(
     runs: list[dict], law: ChinchillaLaw, params: str, path: Path
 ) -> None:
     """Each run's measured loss against the fitted law's prediction; the diagonal is perfect."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(4.5, 4.5), dpi=120)
     actual = np.array([r["final_val_loss"] for r in runs])
     predicted = np.array([float(law.loss(r[params], r["tokens"])) for r in runs])
@@ -203,7 +189,7 @@ def _plot_predicted_vs_actual(
 
 def _plot_isoflop(runs: list[dict], law: ChinchillaLaw, params: str, path: Path) -> None:
     """IsoFLOP curves of the fitted law (Chinchilla approach 2's view): loss vs N at fixed C."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
     c = _compute(runs, params)
     n_runs = np.array([r[params] for r in runs], dtype=float)

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from lmforge.config import field_, from_dict, save_yaml
+from lmforge.data.default_corpus import corpus_or_default
 from lmforge.data.shards import TokenShards, read_index, write_shards
 from lmforge.errors import ConfigError
 from lmforge.model import ModelConfig, Transformer
@@ -106,13 +107,13 @@ def prepare_data(config: SweepConfig) -> tuple[Tokenizer, TokenShards, TokenShar
     if (tok_dir / "tokenizer.json").is_file():
         tokenizer = Tokenizer.load(tok_dir)
     else:
-        docs = _documents(config)
+        docs = corpus_or_default(config.data)
         tokenizer = train_bpe([d["text"] for d in docs], config.vocab_size)
         tokenizer.save(tok_dir)
     index_file = shard_dir / "index.json"
     if not index_file.is_file() or read_index(shard_dir)["tokenizer_sha256"] != tokenizer.sha256:
         write_shards(
-            docs if docs is not None else _documents(config),
+            docs if docs is not None else corpus_or_default(config.data),
             tokenizer,
             shard_dir,
             val_fraction=config.val_fraction,
@@ -120,13 +121,6 @@ def prepare_data(config: SweepConfig) -> tuple[Tokenizer, TokenShards, TokenShar
             overwrite=True,
         )
     return tokenizer, TokenShards(shard_dir, "train"), TokenShards(shard_dir, "validation")
-
-
-def _documents(config: SweepConfig) -> list[dict]:
-    from lmforge.data.default_corpus import default_documents
-    from lmforge.data.sources import iter_documents
-
-    return list(iter_documents(config.data) if config.data else default_documents())
 
 
 def run_sweep(config: SweepConfig) -> list[dict]:
