@@ -17,6 +17,7 @@ import torch
 
 from lmforge.config import field_, save_yaml
 from lmforge.model import ModelConfig, Transformer
+from lmforge.model.config import round_up
 from lmforge.train.trainer import TrainConfig, Trainer
 
 
@@ -123,7 +124,7 @@ def run(config: RunConfig) -> Path:
     # Round the vocabulary up to a multiple of 64: the extra rows are never targets but make
     # the output matmul faster.
     model_config = config.model
-    model_config.vocab_size = 64 * ((tokenizer.vocab_size + 63) // 64)
+    model_config.vocab_size = round_up(tokenizer.vocab_size)
     torch.manual_seed(config.train.seed)
     model = Transformer(model_config)
     trainer = Trainer(model, config.train, train_data, out, val_data=val_data, tokenizer=tokenizer)

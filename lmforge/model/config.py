@@ -9,6 +9,11 @@ from lmforge.config import field_
 from lmforge.errors import ConfigError
 
 
+def round_up(n: int, multiple: int = 64) -> int:
+    """n rounded up to a multiple: matmul dimensions that are multiples of 64 run faster."""
+    return multiple * ((n + multiple - 1) // multiple)
+
+
 @dataclass
 class ModelConfig:
     """A causal decoder covering the Llama and GPT-2 families (seed 002, 4.2)."""
@@ -66,7 +71,7 @@ class ModelConfig:
         if self.mlp == "swiglu":
             # Gated units have three matrices; 2/3 * 4d keeps the parameter count of a 4d MLP
             # (Shazeer 2020, as in Llama), rounded up to a multiple of 64 for fast matmuls.
-            return 64 * ((int(8 * self.d_model / 3) + 63) // 64)
+            return round_up(int(8 * self.d_model / 3))
         return 4 * self.d_model
 
     @property

@@ -20,6 +20,7 @@ from lmforge.data.default_corpus import corpus_or_default
 from lmforge.data.shards import TokenShards, read_index, write_shards
 from lmforge.errors import ConfigError
 from lmforge.model import ModelConfig, Transformer
+from lmforge.model.config import round_up
 from lmforge.tokenizer import Tokenizer, train_bpe
 from lmforge.train.trainer import TrainConfig, Trainer
 
@@ -131,7 +132,7 @@ def run_sweep(config: SweepConfig) -> list[dict]:
     save_yaml(config, out / "sweep.yaml")
     tokenizer, train_data, val_data = prepare_data(config)
     # Round the vocabulary up to a multiple of 64 as `lmforge run` does: faster output matmul.
-    vocab = 64 * ((tokenizer.vocab_size + 63) // 64)
+    vocab = round_up(tokenizer.vocab_size)
     summaries = []
     for size, tokens, holdout in config.plan():
         model_config = config.model_config(size, vocab_size=vocab)
