@@ -4,7 +4,7 @@ generation, chat and checkpoint conversion. Each is callable from Python and fro
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -119,7 +119,7 @@ def _sampling_params(s: SamplingConfig):
 class GenerateConfig:
     """Continue one or more prompts with a model."""
 
-    model: str = field_("", "checkpoint, run or Hugging Face directory")
+    model: str = field_("", "checkpoint, run, Hugging Face directory, GGUF file or 'smollm2'")
     prompt: list[str] = field_([], "prompt text(s); several are decoded as one batch")
     sampling: SamplingConfig = field_(SamplingConfig(), "decoding settings")
     device: str = field_("cpu", "cpu or cuda")
@@ -142,52 +142,31 @@ def generate_text(config: GenerateConfig) -> list[str]:
 
 @dataclass
 class ChatConfig:
-    """A plain chat REPL (ChatML or the tokenizer's chat template)."""
+    """Chat with a model through its own chat template (ChatML when it has none)."""
 
-    model: str = field_("", "checkpoint, run or Hugging Face directory")
+    model: str = field_("", "checkpoint, run, Hugging Face directory, GGUF file or 'smollm2'")
     system: str = field_("", "system prompt")
     sampling: SamplingConfig = field_(SamplingConfig(max_new_tokens=256), "decoding settings")
     device: str = field_("cpu", "cpu or cuda")
 
 
 def chat(config: ChatConfig) -> None:
-    from lmforge.infer.generate import stream
+    from lmforge.infer.chat import ChatSession, repl
     from lmforge.loading import load, load_tokenizer
 
     if not config.model:
         raise ConfigError("give --model=PATH")
     model, tokenizer = load(config.model, device=config.device), load_tokenizer(config.model)
-    messages = [{"role": "system", "content": config.system}] if config.system else []
-    params = _sampling_params(config.sampling)
-    end_of_turn = tokenizer.token_to_id("<|im_end|>")  # ChatML ends a turn before EOS
-    if end_of_turn is not None:
-        params = replace(params, stop_token_ids=(*params.stop_token_ids, end_of_turn))
-    print("chat: empty line or Ctrl-D to quit, /reset to clear the history")
-    while True:
-        try:
-            line = input("> ").strip()
-        except EOFError:
-            break
-        if not line:
-            break
-        if line == "/reset":
-            messages = messages[:1] if config.system else []
-            continue
-        messages.append({"role": "user", "content": line})
-        ids = tokenizer.encode(tokenizer.apply_chat_template(messages))
-        reply = []
-        for piece in stream(model, ids, params, tokenizer=tokenizer):
-            print(piece, end="", flush=True)
-            reply.append(piece)
-        print()
-        messages.append({"role": "assistant", "content": "".join(reply)})
+    session = ChatSession(model, tokenizer, _sampling_params(config.sampling), system=config.system)
+    repl(session)
 
 
 @dataclass
 class ConvertConfig:
-    """Convert between lmforge checkpoints and Hugging Face directories."""
+    """Convert a model (lmforge checkpoint, run, Hugging Face directory or GGUF file) to an
+    lmforge checkpoint or a Hugging Face directory."""
 
-    src: str = field_("", "source checkpoint / run / Hugging Face directory")
+    src: str = field_("", "source checkpoint / run / Hugging Face directory / GGUF file")
     dst: str = field_("", "destination directory")
     to: Literal["lmforge", "hf"] = field_("lmforge", "destination format")
 

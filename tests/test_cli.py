@@ -159,7 +159,20 @@ def test_help_lists_fields(capsys):
 
 
 def test_chat_repl_answers_and_keeps_history(workdir, monkeypatch, capsys):
-    lines = iter(["hello there", "/reset", "again", ""])
+    saved = workdir / "conversation.json"
+    lines = iter(
+        [
+            "hello there",
+            "",
+            "/reset",
+            "again",
+            f"/save {saved}",
+            "/system Be terse.",
+            "third",
+            "/nope",
+            "/quit",
+        ]
+    )
     monkeypatch.setattr("builtins.input", lambda prompt="": next(lines))
     seen = []
     from lmforge.infer import generate as gen
@@ -180,10 +193,20 @@ def test_chat_repl_answers_and_keeps_history(workdir, monkeypatch, capsys):
     ]
     assert main(args) == 0
     tok = lmforge.load_tokenizer(workdir / "run")
-    first = tok.decode(seen[0][0])
+    # Pre-training put BOS before every document, so a chat prompt starts with it too.
+    first = tok.decode(seen[0][0]).removeprefix("<|bos|>")
+    assert seen[0][0][0] == tok.bos_id
     assert first.startswith("<|im_start|>system\nBe brief.<|im_end|>")
     assert first.endswith("<|im_start|>user\nhello there<|im_end|>\n<|im_start|>assistant\n")
     assert tok.token_to_id("<|im_end|>") in seen[0][1]
     # After /reset only the system prompt and the new question remain.
     assert "hello there" not in tok.decode(seen[1][0]) and "again" in tok.decode(seen[1][0])
-    assert capsys.readouterr().out.startswith("chat:")
+    conversation = json.loads(saved.read_text())["messages"]
+    assert [m["role"] for m in conversation] == ["system", "user", "assistant"]
+    assert conversation[1]["content"] == "again"
+    # /system replaces the system prompt and starts over.
+    third = tok.decode(seen[2][0]).removeprefix("<|bos|>")
+    assert third.startswith("<|im_start|>system\nBe terse.<|im_end|>") and "again" not in third
+    out = capsys.readouterr().out
+    assert out.startswith("chat:") and "unknown command /nope" in out
+    assert len(seen) == 3  # the empty line and the commands generated nothing

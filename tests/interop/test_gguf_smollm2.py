@@ -106,3 +106,13 @@ def test_tokenization_live_against_llama_cpp(tokenizer):
     ]
     for text in texts:
         assert tokenizer.encode(text) == llm.tokenize(text.encode(), add_bos=False, special=True)
+
+
+def test_chat_command_answers_with_the_gguf_model(monkeypatch, capsys):
+    from lmforge.cli import main
+
+    lines = iter(["What is the capital of France?", "/quit"])
+    monkeypatch.setattr("builtins.input", lambda prompt="": next(lines))
+    args = ["chat", "--model=smollm2", "--sampling.temperature=0", "--sampling.max_new_tokens=12"]
+    assert main(args) == 0
+    assert "The capital of France is Paris." in capsys.readouterr().out
