@@ -39,9 +39,16 @@ def _f16(raw: torch.Tensor, start: int) -> torch.Tensor:
     return raw[:, start : start + 2].contiguous().view(torch.float16).float()
 
 
-def _nibbles(qs: torch.Tensor) -> torch.Tensor:
-    """Q4_0/Q4_1/Q5 order: the low nibbles of a block's bytes are values 0..15, the high ones 16..31."""
-    return torch.cat([qs & 0x0F, qs >> 4], dim=1)
+def _nibbles(qs: torch.Tensor, fifth_bits: torch.Tensor | None = None) -> torch.Tensor:
+    """Q4_0/Q4_1/Q5 order as float32 (blocks, 32): the low nibbles of a block's 16 bytes are
+    values 0..15, the high nibbles 16..31; Q5 types add a fifth bit per value. Written into one
+    preallocated tensor: about twice as fast as concatenating and converting."""
+    low, high = qs & 0x0F, qs >> 4
+    if fifth_bits is not None:
+        low, high = low | (fifth_bits[:, :16] << 4), high | (fifth_bits[:, 16:] << 4)
+    q = torch.empty(qs.shape[0], 32, dtype=torch.float32)
+    q[:, :16], q[:, 16:] = low, high
+    return q
 
 
 def _bits(qh: torch.Tensor, n: int) -> torch.Tensor:
@@ -56,21 +63,19 @@ def _q8_0(raw: torch.Tensor) -> torch.Tensor:
 
 
 def _q4_0(raw: torch.Tensor) -> torch.Tensor:
-    return _f16(raw, 0) * (_nibbles(raw[:, 2:]).float() - 8)
+    return _nibbles(raw[:, 2:]).sub_(8).mul_(_f16(raw, 0))
 
 
 def _q4_1(raw: torch.Tensor) -> torch.Tensor:
-    return _f16(raw, 0) * _nibbles(raw[:, 4:]).float() + _f16(raw, 2)
+    return _nibbles(raw[:, 4:]).mul_(_f16(raw, 0)).add_(_f16(raw, 2))
 
 
 def _q5_0(raw: torch.Tensor) -> torch.Tensor:
-    q = _nibbles(raw[:, 6:]) | (_bits(raw[:, 2:6], 32) << 4)
-    return _f16(raw, 0) * (q.float() - 16)
+    return _nibbles(raw[:, 6:], _bits(raw[:, 2:6], 32)).sub_(16).mul_(_f16(raw, 0))
 
 
 def _q5_1(raw: torch.Tensor) -> torch.Tensor:
-    q = _nibbles(raw[:, 8:]) | (_bits(raw[:, 4:8], 32) << 4)
-    return _f16(raw, 0) * q.float() + _f16(raw, 2)
+    return _nibbles(raw[:, 8:], _bits(raw[:, 4:8], 32)).mul_(_f16(raw, 0)).add_(_f16(raw, 2))
 
 
 def _k_scales(s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
