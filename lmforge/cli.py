@@ -13,6 +13,7 @@ from lmforge.errors import LmforgeError
 
 
 def _commands() -> dict[str, tuple[type, Callable[[Any], Any], str]]:
+    from lmforge.evaluation.harness import EvalConfig, eval_command
     from lmforge.run import RunConfig, run
     from lmforge.scaling.commands import (
         FitConfig,
@@ -47,6 +48,7 @@ def _commands() -> dict[str, tuple[type, Callable[[Any], Any], str]]:
         "scaling sweep": (SweepConfig, sweep_command, "train a grid of runs, fit the scaling law"),
         "scaling fit": (FitConfig, fit_command, "fit the Chinchilla law to finished runs"),
         "plan": (PlanConfig, plan_command, "compute-optimal model and data size for a budget"),
+        "eval": (EvalConfig, eval_command, "evaluate a model on tasks (results.json, samples)"),
     }
 
 

@@ -72,11 +72,35 @@ class RunConfig:
         "prompts to sample from after training",
     )
     sample_tokens: int = field_(48, "tokens per sample", ge=1)
+    eval_tasks: str = field_(
+        "reading_mc,cloze,comparison", "bundled tasks scored after training ('' skips)"
+    )
+    eval_limit: int = field_(12, "items per evaluation task", ge=1)
 
 
 def _stage(name: str) -> float:
     print(f"\n== {name}", flush=True)
     return time.perf_counter()
+
+
+def _evaluate(model: Transformer, tokenizer, config: RunConfig, out: Path) -> dict[str, str]:
+    """Score the bundled tasks (a few dozen items: seconds) and return report lines."""
+    from lmforge.evaluation.harness import EvalConfig, evaluate, write_outputs
+    from lmforge.evaluation.tasks import resolve_task
+
+    t = _stage("evaluation")
+    eval_config = EvalConfig(tasks=config.eval_tasks, limit=config.eval_limit)
+    tasks = [resolve_task(n.strip()) for n in config.eval_tasks.split(",") if n.strip()]
+    evaluation = evaluate(model, tokenizer, tasks, eval_config)
+    write_outputs(out / "eval", evaluation, {"config": eval_config.__dict__})
+    lines = {}
+    for task, res in evaluation["results"].items():
+        for key, value in res.items():
+            if isinstance(value, float) and not key.endswith("_stderr"):
+                err = res.get(f"{key}_stderr", float("nan"))
+                lines[f"eval {task} {key} (n={res['n']})"] = f"{value:.4g} ± {err:.2g}"
+    print(f"{len(lines)} scores written to {out / 'eval'} ({time.perf_counter() - t:.1f}s)")
+    return lines
 
 
 def run(config: RunConfig) -> Path:
@@ -147,6 +171,8 @@ def run(config: RunConfig) -> Path:
     for prompt, text in samples:
         print(f"--- {prompt}{text}")
 
+    evaluation = _evaluate(model, tokenizer, config, out) if config.eval_tasks else {}
+
     facts = {
         "corpus": ", ".join(config.data)
         if config.data
@@ -168,6 +194,7 @@ def run(config: RunConfig) -> Path:
         "final validation loss (nats/token)": round(summary["final_val_loss"], 4),
         "unigram entropy of the corpus (nats/token)": round(entropy, 4),
         "validation perplexity": round(float(torch.tensor(summary["final_val_loss"]).exp()), 2),
+        **evaluation,
         "total wall time (s)": round(time.perf_counter() - start, 1),
     }
     notes = (
