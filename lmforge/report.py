@@ -74,8 +74,10 @@ def write_report(
     baseline: float | None = None,
     baseline_label: str = "",
     notes: str = "",
+    sections: list[tuple[str, str]] = (),
 ) -> Path:
-    """Write `report.md` (and `loss.png`) in run_dir from its metrics and the given facts."""
+    """Write `report.md` (and `loss.png`) in run_dir from its metrics and the given facts;
+    `sections` are further (title, Markdown body) pairs appended at the end."""
     run_dir = Path(run_dir)
     metrics = read_metrics(run_dir)
     lines = [f"# {title}", ""]
@@ -91,6 +93,8 @@ def write_report(
         for prompt, text in samples:
             body = (prompt + text).replace("```", "'''")
             lines += [f"**Prompt:** `{prompt}`", "", "```text", body, "```", ""]
+    for title, body in sections:
+        lines += ["", f"## {title}", "", body.rstrip(), ""]
     path = run_dir / "report.md"
     path.write_text("\n".join(lines).rstrip() + "\n", encoding="utf-8")
     return path

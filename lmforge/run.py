@@ -1,6 +1,7 @@
 """`lmforge run`: the whole pipeline on a small default, end to end, with a report card.
 
-corpus -> tokenizer -> token shards -> pre-training -> samples -> report.md. With no arguments it
+corpus -> tokenizer -> token shards -> pre-training -> samples -> evaluation -> report.md, plus a
+few answers from a released chat model (SmolLM2, GGUF) to show the inference path on real weights. With no arguments it
 uses an English corpus that ships with Python (the pydoc reference topics and the standard
 library's docstrings), so it needs no download. Later stages are added here as they land.
 """
@@ -76,6 +77,18 @@ class RunConfig:
         "reading_mc,cloze,comparison", "bundled tasks scored after training ('' skips)"
     )
     eval_limit: int = field_(12, "items per evaluation task", ge=1)
+    chat_model: str = field_(
+        "smollm2", "a released chat model to answer chat_questions in the report ('' skips)"
+    )
+    chat_questions: list[str] = field_(
+        [
+            "What is the capital of France?",
+            "Give two tips for writing readable Python code.",
+            "Translate 'good morning' into Spanish.",
+        ],
+        "questions put to chat_model, each in a fresh conversation",
+    )
+    chat_tokens: int = field_(48, "longest answer in tokens", ge=1)
 
 
 def _stage(name: str) -> float:
@@ -101,6 +114,37 @@ def _evaluate(model: Transformer, tokenizer, config: RunConfig, out: Path) -> di
                 lines[f"eval {task} {key} (n={res['n']})"] = f"{value:.4g} ± {err:.2g}"
     print(f"{len(lines)} scores written to {out / 'eval'} ({time.perf_counter() - t:.1f}s)")
     return lines
+
+
+def _chat_answers(config: RunConfig) -> tuple[dict[str, str], list[tuple[str, str]]]:
+    """Greedy answers of a released chat model (GGUF or any loadable model): report facts and a
+    Markdown section. Skipped with a note when the model is not installed."""
+    from lmforge.errors import CheckpointError
+    from lmforge.infer.chat import ChatSession
+    from lmforge.infer.generate import SamplingParams
+    from lmforge.loading import load, load_tokenizer
+
+    t = _stage(f"chat ({config.chat_model})")
+    try:
+        model, tokenizer = load(config.chat_model), load_tokenizer(config.chat_model)
+    except CheckpointError as e:
+        print(f"skipped: {e}")
+        return {"chat model": f"skipped ({e})"}, []
+    params = SamplingParams(max_new_tokens=config.chat_tokens, temperature=0)
+    body, tokens, start = [], 0, time.perf_counter()
+    for question in config.chat_questions:
+        session = ChatSession(model, tokenizer, params)
+        answer = session.ask(question)
+        tokens += len(tokenizer.encode(answer))
+        print(f"--- {question}\n{answer}")
+        body += [f"**User:** {question}", "", f"**Assistant:** {answer}", ""]
+    rate = tokens / (time.perf_counter() - start)
+    print(f"({time.perf_counter() - t:.1f}s)")
+    facts = {
+        "chat model": f"{config.chat_model}: {model.num_params():,} parameters, "
+        f"~{rate:.0f} tokens/s answering"
+    }
+    return facts, [(f"Chat — {config.chat_model} (greedy)", "\n".join(body))]
 
 
 def run(config: RunConfig) -> Path:
@@ -172,6 +216,7 @@ def run(config: RunConfig) -> Path:
         print(f"--- {prompt}{text}")
 
     evaluation = _evaluate(model, tokenizer, config, out) if config.eval_tasks else {}
+    chat_facts, chat_section = _chat_answers(config) if config.chat_model else ({}, [])
 
     facts = {
         "corpus": ", ".join(config.data)
@@ -195,6 +240,7 @@ def run(config: RunConfig) -> Path:
         "unigram entropy of the corpus (nats/token)": round(entropy, 4),
         "validation perplexity": round(float(torch.tensor(summary["final_val_loss"]).exp()), 2),
         **evaluation,
+        **chat_facts,
         "total wall time (s)": round(time.perf_counter() - start, 1),
     }
     notes = (
@@ -209,6 +255,7 @@ def run(config: RunConfig) -> Path:
         baseline=entropy,
         baseline_label="unigram entropy",
         notes=notes,
+        sections=chat_section,
     )
     (out / "summary.json").write_text(
         json.dumps({**summary, "unigram_entropy": entropy, "index": index["splits"]}, indent=2)

@@ -35,6 +35,8 @@ def test_run_on_user_data_writes_report(tmp_path):
         "--train.compile=false",
         "--sample_tokens=8",
         "--prompts=[Sentence]",
+        '--chat_questions=["What is the capital of France?"]',
+        "--chat_tokens=8",
     ]
     assert main(args) == 0
     report = (out / "report.md").read_text()
@@ -51,6 +53,8 @@ def test_run_on_user_data_writes_report(tmp_path):
     ]:
         assert key in report
     assert summary["tokens_seen"] == 30 * 4 * 32
+    # The released chat model (installed by the Makefile) answers in its own section.
+    assert "## Chat — smollm2" in report and "The capital of France is Paris" in report
     # A repetitive corpus: even this tiny model must beat the context-free baseline.
     assert summary["final_val_loss"] < summary["unigram_entropy"]
 
