@@ -114,10 +114,13 @@ class ChatSession:
 
 def repl(
     session: ChatSession,
-    read: Callable[[str], str] = input,
-    write: Callable[[str], None] = lambda s: print(s, end="", flush=True),
+    read: Callable[[str], str] | None = None,
+    write: Callable[[str], None] | None = None,
 ) -> None:
-    """Read lines, run commands, stream replies, until /quit or end of input."""
+    """Read lines (default: input()), run commands, stream replies (default: to stdout), until
+    /quit or end of input."""
+    read = read or input  # looked up at call time, so a patched builtins.input is honoured
+    write = write or (lambda s: print(s, end="", flush=True))
     write("chat: /help lists the commands; /quit or Ctrl-D leaves\n")
     while True:
         try:

@@ -57,6 +57,99 @@ class KVCache:
         self.v = self.v[:, index]
 
 
+class SlotKVCache:
+    """Keys and values for up to `slots` independent sequences, each at its own length.
+
+    Allocated once as two (n_layers, slots, kv_heads, max_len, head_dim) tensors, so memory is
+    bounded by 2 * n_layers * slots * max_len * kv_heads * head_dim elements and never grows.
+    `lengths` (host ints) counts the filled positions of each slot; a forward pass works on a
+    `SlotBatch` of contiguous slots, which is a view (no copy) of these tensors.
+    """
+
+    def __init__(
+        self,
+        config: ModelConfig,
+        slots: int,
+        max_len: int | None = None,
+        *,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
+    ) -> None:
+        self.max_len = max_len or config.max_seq_len
+        shape = (config.n_layers, slots, config.kv_heads, self.max_len, config.dim_head)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.lengths = [0] * slots
+
+    @property
+    def slots(self) -> int:
+        return self.k.shape[1]
+
+    def batch(self, start: int, stop: int) -> SlotBatch:
+        """Slots [start, stop) as one batch for a forward pass."""
+        return SlotBatch(self, start, stop)
+
+    def move(self, src: int, dst: int) -> None:
+        """Copy slot `src` (its filled part) into slot `dst`, e.g. to keep active slots
+        contiguous after `dst` finished."""
+        n = self.lengths[src]
+        self.k[:, dst, :, :n] = self.k[:, src, :, :n]
+        self.v[:, dst, :, :n] = self.v[:, src, :, :n]
+        self.lengths[dst] = n
+
+
+class SlotBatch:
+    """The KVCache interface over slots [start, stop) of a SlotKVCache: row b writes its new keys
+    at its own length and attends to its own past only. `length` is the attention window
+    before the new tokens (the longest slot), like a left-padded KVCache's; `advance` adds to
+    every row's length."""
+
+    def __init__(self, cache: SlotKVCache, start: int, stop: int) -> None:
+        self.cache, self.start, self.stop = cache, start, stop
+        host = cache.lengths[start:stop]
+        self.lengths = torch.tensor(host, device=cache.k.device)
+        # Rows of one length write with a slice and need no mask beyond plain causal.
+        self.uniform = len(set(host)) == 1
+        self.length = max(host)
+
+    @property
+    def batch_size(self) -> int:
+        return self.stop - self.start
+
+    def positions(self, q_len: int) -> torch.Tensor:
+        """(B, q_len) position ids of the new tokens."""
+        return self.lengths[:, None] + torch.arange(q_len, device=self.lengths.device)
+
+    def mask(self, q_len: int) -> torch.Tensor | None:
+        """(B, 1, q_len, window) boolean mask (True = attend), or None where plain causal
+        attention is right, so SDPA keeps its fast path."""
+        if self.uniform:
+            return build_mask(q_len, self.length, None, self.lengths.device)
+        window = torch.arange(self.length + q_len, device=self.lengths.device)
+        return (window[None, None, :] <= self.positions(q_len)[:, :, None])[:, None]
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Store (B, KV, T, D) new keys/values at each row's length; return the window."""
+        end = self.length + k.shape[2]
+        keys = self.cache.k[layer, self.start : self.stop]
+        values = self.cache.v[layer, self.start : self.stop]
+        if self.uniform:
+            keys[:, :, self.length : end] = k
+            values[:, :, self.length : end] = v
+        else:
+            # Advanced indices on dims 0 and 2 put the (B, T) index shape first: (B, T, KV, D).
+            rows = torch.arange(k.shape[0], device=k.device)[:, None]
+            at = self.positions(k.shape[2])
+            keys[rows, :, at] = k.transpose(1, 2)
+            values[rows, :, at] = v.transpose(1, 2)
+        return keys[:, :, :end], values[:, :, :end]
+
+    def advance(self, n: int) -> None:
+        lengths = self.cache.lengths
+        for slot in range(self.start, self.stop):
+            lengths[slot] += n
+
+
 def build_mask(
     q_len: int, past: int, key_padding: torch.Tensor | None, device: torch.device
 ) -> torch.Tensor | None:

@@ -7,7 +7,7 @@ import math
 import torch
 from torch import nn
 
-from lmforge.model.attention import Attention, KVCache, build_mask
+from lmforge.model.attention import Attention, KVCache, SlotBatch, build_mask
 from lmforge.model.config import ModelConfig
 from lmforge.model.layers import MLP, Linear, RMSNorm, make_norm
 from lmforge.model.positions import RotaryEmbedding
@@ -75,14 +75,15 @@ class Transformer(nn.Module):
         *,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
-        cache: KVCache | None = None,
+        cache: KVCache | SlotBatch | None = None,
         logits_to_keep: int = 0,
         return_hidden: bool = False,
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Logits for `input_ids` (B, T).
 
         attention_mask: (B, past + T), 1 for real tokens and 0 for (left) padding, covering the
-        cached positions too. cache: a KVCache to read past keys from and append to.
+        cached positions too. cache: a KVCache to read past keys from and append to, or a
+        SlotBatch, whose rows each have their own length (it supplies positions and the mask).
         logits_to_keep: if > 0, compute logits for the last n positions only (generation).
         return_hidden: also return the final normalized hidden states (B, T, d_model).
         """
@@ -93,7 +94,11 @@ class Transformer(nn.Module):
                 f"sequence of {past + T} tokens exceeds the model's max_seq_len "
                 f"{self.config.max_seq_len}"
             )
-        if position_ids is None:
+        if isinstance(cache, SlotBatch):
+            if attention_mask is not None:
+                raise ValueError("a SlotBatch masks by its slot lengths; give no attention_mask")
+            position_ids = cache.positions(T) if position_ids is None else position_ids
+        elif position_ids is None:
             if attention_mask is not None:
                 position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, past:]
             else:
@@ -105,7 +110,10 @@ class Transformer(nn.Module):
         else:
             x = x + self.pos_embed(position_ids)
         x = self.drop(x)
-        mask = build_mask(T, past, attention_mask, input_ids.device)
+        if isinstance(cache, SlotBatch):
+            mask = cache.mask(T)
+        else:
+            mask = build_mask(T, past, attention_mask, input_ids.device)
         for block in self.blocks:
             x = block(x, rope, mask, cache)
         if cache is not None:
