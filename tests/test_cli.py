@@ -175,15 +175,15 @@ def test_chat_repl_answers_and_keeps_history(workdir, monkeypatch, capsys):
     )
     monkeypatch.setattr("builtins.input", lambda prompt="": next(lines))
     seen = []
-    from lmforge.infer import generate as gen
+    from lmforge.infer.engine import Engine
 
-    real_stream = gen.stream
+    real_stream = Engine.stream
 
-    def spy(model, ids, params, **kw):
+    def spy(engine, ids, params):
         seen.append((list(ids), params.stop_token_ids))
-        yield from real_stream(model, ids, params, **kw)
+        yield from real_stream(engine, ids, params)
 
-    monkeypatch.setattr(gen, "stream", spy)
+    monkeypatch.setattr(Engine, "stream", spy)
     args = [
         "chat",
         f"--model={workdir / 'run'}",

@@ -9,7 +9,8 @@ from dataclasses import replace
 from pathlib import Path
 
 from lmforge.errors import LmforgeError
-from lmforge.infer.generate import SamplingParams
+from lmforge.infer.engine import Engine
+from lmforge.infer.sampling import SamplingParams
 from lmforge.model import Transformer
 from lmforge.tokenizer import Tokenizer
 
@@ -32,7 +33,11 @@ def end_of_turn_ids(tokenizer: Tokenizer) -> tuple[int, ...]:
 
 
 class ChatSession:
-    """A conversation with one model: history, system prompt, streamed replies."""
+    """A conversation with one model: history, system prompt, streamed replies.
+
+    Replies come from one Engine kept for the session whose prefix cache holds the rendered
+    conversation, so each turn computes only the tokens added since the last one.
+    """
 
     def __init__(
         self,
@@ -41,8 +46,13 @@ class ChatSession:
         params: SamplingParams,
         *,
         system: str = "",
+        max_context: int = 4096,
     ) -> None:
         self.model, self.tokenizer = model, tokenizer
+        context = min(max_context, model.config.max_seq_len)
+        self.engine = Engine(
+            model, tokenizer, max_batch=1, max_context=context, prefix_cache_tokens=context
+        )
         stops = (*params.stop_token_ids, *end_of_turn_ids(tokenizer))
         self.params = replace(params, stop_token_ids=tuple(dict.fromkeys(stops)))
         self.system = system
@@ -64,7 +74,8 @@ class ChatSession:
     def prompt_ids(self) -> list[int]:
         """The conversation rendered for the assistant's next turn, oldest exchanges dropped
         while it would leave no room for max_new_tokens in the context window."""
-        budget = self.model.config.max_seq_len - self.params.max_new_tokens
+        limit = self.engine.max_context
+        budget = limit - self.params.max_new_tokens
         while True:
             text = self.tokenizer.apply_chat_template(self.messages, add_generation_prompt=True)
             ids = self.tokenizer.encode(text, add_bos=self._template_lacks_bos(text))
@@ -72,10 +83,9 @@ class ChatSession:
                 break
             self.turns = self.turns[2:]
             self.dropped_turns += 1
-        if len(ids) > self.model.config.max_seq_len:
+        if len(ids) > limit:
             raise LmforgeError(
-                f"the message needs {len(ids)} tokens, more than the model's context of "
-                f"{self.model.config.max_seq_len}"
+                f"the message needs {len(ids)} tokens, more than the chat's context of {limit}"
             )
         return ids
 
@@ -86,8 +96,6 @@ class ChatSession:
 
     def stream_reply(self, user_text: str) -> Iterator[str]:
         """Add a user message and stream the assistant's reply, which joins the history."""
-        from lmforge.infer import generate
-
         self.turns.append({"role": "user", "content": user_text})
         try:
             ids = self.prompt_ids()
@@ -95,7 +103,7 @@ class ChatSession:
             self.turns.pop()
             raise
         pieces = []
-        for piece in generate.stream(self.model, ids, self.params, tokenizer=self.tokenizer):
+        for piece in self.engine.stream(ids, self.params):
             pieces.append(piece)
             yield piece
         self.turns.append({"role": "assistant", "content": "".join(pieces).strip()})

@@ -68,9 +68,21 @@ def test_oldest_exchanges_are_dropped_to_fit_the_window(tokenizer):
     assert chat.messages[0] == {"role": "system", "content": "Be brief."}
 
 
+def test_each_turn_reuses_the_cached_conversation(tokenizer):
+    chat = session(tokenizer, max_seq_len=256)
+    chat.ask("hello world")
+    first = chat.engine.stats.prefill_tokens
+    chat.ask("how are you today")
+    stats = chat.engine.stats
+    # The second prompt starts with the first one (system, question, answer): only whole
+    # 16-token blocks past the cached part are recomputed.
+    assert stats.prefix_tokens_reused >= 16 * ((first - 1) // 16)
+    assert stats.prefill_tokens - first < len(chat.prompt_ids()) - 16
+
+
 def test_message_longer_than_the_context_is_an_error(tokenizer):
     chat = session(tokenizer, max_seq_len=24)
-    with pytest.raises(LmforgeError, match="more than the model's context of 24"):
+    with pytest.raises(LmforgeError, match="more than the chat's context of 24"):
         chat.ask("hello world " * 20)
     assert chat.turns == []  # the failed message does not stay in the history
 
