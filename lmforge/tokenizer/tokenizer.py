@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import tokenizers
+from jinja2 import TemplateError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from lmforge.errors import CheckpointError, LmforgeError
@@ -150,12 +151,15 @@ class Tokenizer:
                 trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"]
             )
             env.globals["raise_exception"] = _raise_template_error
-            return env.from_string(self.chat_template).render(
-                messages=messages,
-                add_generation_prompt=add_generation_prompt,
-                bos_token=self.bos_token or "",
-                eos_token=self.eos_token or "",
-            )
+            try:
+                return env.from_string(self.chat_template).render(
+                    messages=messages,
+                    add_generation_prompt=add_generation_prompt,
+                    bos_token=self.bos_token or "",
+                    eos_token=self.eos_token or "",
+                )
+            except TemplateError as e:
+                raise LmforgeError(f"the chat template failed to render: {e}") from None
         if self.token_to_id("<|im_start|>") is None or self.token_to_id("<|im_end|>") is None:
             raise LmforgeError(
                 "this tokenizer has no chat template and no ChatML tokens (<|im_start|>, "

@@ -220,3 +220,17 @@ def test_load_missing_or_corrupt(tmp_path):
     (tmp_path / "tokenizer.json").write_text('{"model": ')
     with pytest.raises(CheckpointError, match=str(tmp_path / "tokenizer.json")):
         Tokenizer.load(tmp_path)
+
+
+@pytest.mark.parametrize(
+    "template, message",
+    [
+        ("{% for m in messages %}{{ m['content'] }", "failed to render"),  # syntax error
+        ("{{ messages[0]['content'].nope() }}", "failed to render"),  # undefined method
+        ("{{ raise_exception('roles must alternate') }}", "roles must alternate"),
+    ],
+)
+def test_chat_template_that_fails_to_render(template, message):
+    tok = Tokenizer(train_bpe(CORPUS, vocab_size=300).backend, chat_template=template)
+    with pytest.raises(LmforgeError, match=message):
+        tok.apply_chat_template(MESSAGES)
