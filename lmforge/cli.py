@@ -13,6 +13,7 @@ from lmforge.errors import LmforgeError
 
 
 def _commands() -> dict[str, tuple[type, Callable[[Any], Any], str]]:
+    from lmforge.adapt.sft import SFTConfig, sft
     from lmforge.evaluation.harness import EvalConfig, eval_command
     from lmforge.run import RunConfig, run
     from lmforge.scaling.commands import (
@@ -49,6 +50,7 @@ def _commands() -> dict[str, tuple[type, Callable[[Any], Any], str]]:
         "scaling fit": (FitConfig, fit_command, "fit the Chinchilla law to finished runs"),
         "plan": (PlanConfig, plan_command, "compute-optimal model and data size for a budget"),
         "eval": (EvalConfig, eval_command, "evaluate a model on tasks (results.json, samples)"),
+        "sft": (SFTConfig, sft, "instruction-tune a model: full, LoRA, adapter, prefix, prompt"),
     }
 
 
