@@ -14,6 +14,7 @@ from lmforge.errors import LmforgeError
 
 def _commands() -> dict[str, tuple[type, Callable[[Any], Any], str]]:
     from lmforge.adapt.sft import SFTConfig, sft
+    from lmforge.data.pipeline import PipelineConfig, process_command
     from lmforge.evaluation.harness import EvalConfig, eval_command
     from lmforge.run import RunConfig, run
     from lmforge.scaling.commands import (
@@ -42,6 +43,11 @@ def _commands() -> dict[str, tuple[type, Callable[[Any], Any], str]]:
         "run": (RunConfig, run, "the whole pipeline on a small default, with a report card"),
         "tokenizer train": (TokenizerTrainConfig, train_tokenizer, "train a byte-level BPE"),
         "data tokenize": (TokenizeConfig, tokenize_corpus, "tokenize a corpus into shards"),
+        "data process": (
+            PipelineConfig,
+            process_command,
+            "clean, de-duplicate, redact, mix a corpus",
+        ),
         "pretrain": (PretrainConfig, pretrain, "pre-train a model on token shards"),
         "generate": (GenerateConfig, generate_text, "continue prompts with a model"),
         "chat": (ChatConfig, chat, "a chat REPL with a model"),

@@ -14,7 +14,7 @@ import time
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 
@@ -66,6 +66,11 @@ class RunConfig:
     vocab_size: int = field_(4096, "BPE vocabulary size", ge=257)
     val_fraction: float = field_(0.05, "fraction of documents held out", gt=0, le=0.5)
     skip_bad: bool = field_(False, "skip input files that are not UTF-8")
+    clean_steps: list[Any] = field_(
+        ["pii", "exact_dedup", "minhash_dedup", {"line_dedup": {"min_chars": 40}}],
+        "corpus cleaning before tokenization, as in `lmforge data process` ([] skips); "
+        "decontamination against eval_tasks is added when those are set",
+    )
     model: ModelConfig = field_(
         _demo_model(), "model architecture (vocab_size follows the tokenizer)"
     )
@@ -102,6 +107,30 @@ class RunConfig:
     )
     sft_eval_items: int = field_(12, "held-out items per task scored before and after", ge=1)
     sft_time_limit_s: float = field_(20.0, "stop instruction tuning after this long", ge=0)
+
+
+def _clean(docs: list[dict], config: RunConfig, out: Path) -> tuple[list[dict], dict[str, str]]:
+    """The corpus pipeline (seed 002 §4.1.2) before tokenization: cleaned documents and report
+    lines (documents and characters per step, PII counts); stats in out/data/."""
+    from lmforge.data.pipeline import clean_documents
+
+    t = _stage("corpus cleaning")
+    steps = list(config.clean_steps)
+    tasks = [n.strip() for n in config.eval_tasks.split(",") if n.strip()]
+    if tasks:
+        steps.append({"decontaminate": {"tasks": tasks}})
+    cleaned, stats = clean_documents(docs, steps, out / "data")
+    lines = {}
+    for name, st in stats["steps"].items():
+        removed = ", ".join(
+            f"{k} {v}" for k, v in sorted({**st["reasons"], **st["counts"]}.items())
+        )
+        lines[f"cleaning {name} (docs, chars in → out)"] = (
+            f"{st['docs_in']:,} → {st['docs_out']:,}, {st['chars_in']:,} → {st['chars_out']:,}"
+            + (f"; {removed}" if removed else "")
+        )
+    print(f"{len(docs):,} → {len(cleaned):,} documents ({time.perf_counter() - t:.1f}s)")
+    return cleaned, lines
 
 
 def _stage(name: str) -> float:
@@ -213,6 +242,7 @@ def run(config: RunConfig) -> Path:
 
     t = _stage("corpus + tokenizer")
     docs = corpus_or_default(config.data, skip_bad=config.skip_bad)
+    docs, cleaning = _clean(docs, config, out) if config.clean_steps else (docs, {})
     texts = [d["text"] for d in docs]
     corpus_chars = sum(len(s) for s in texts)
     tokenizer = train_bpe(texts, config.vocab_size)
@@ -275,6 +305,7 @@ def run(config: RunConfig) -> Path:
         if config.data
         else "Python documentation (pydoc topics + stdlib docstrings)",
         "documents / characters": f"{len(texts):,} / {corpus_chars:,}",
+        **cleaning,
         "tokenizer": f"byte-level BPE, {tokenizer.vocab_size} tokens",
         "train / validation tokens": f"{train_data.n_tokens:,} / {val_data.n_tokens:,}",
         "model": f"{model_config.n_layers} layers, d_model {model_config.d_model}, "

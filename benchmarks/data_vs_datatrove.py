@@ -1,0 +1,217 @@
+"""lmforge's MinHash dedup and Gopher filters vs datatrove's, on the same offline documents.
+
+Documents: ~1,000-character chunks of lmforge's default corpus and of the standard library's
+Python sources, plus injected exact copies and near-copies (k random words replaced, so each
+pair's 5-gram Jaccard is known by brute force). datatrove runs in its own virtualenv
+(DATATROVE_PYTHON, default /work/datatrove-venv/bin/python) on the same JSONL file, through its
+own executor: signature -> buckets -> cluster stages, and the Gopher filters.
+
+    nice -n 19 .venv/bin/python benchmarks/data_vs_datatrove.py --docs 50000
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import resource
+import subprocess
+import sys
+import sysconfig
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+DATATROVE = r"""
+import json, sys, time, resource
+from datatrove.data import Document
+from datatrove.pipeline.dedup.minhash import (MinhashConfig, MinhashDedupBuckets,
+    MinhashDedupCluster, MinhashDedupSignature)
+from datatrove.executor import LocalPipelineExecutor
+from datatrove.pipeline.readers import JsonlReader
+from datatrove.pipeline.filters import GopherQualityFilter, GopherRepetitionFilter
+src, work, what = sys.argv[1], sys.argv[2], sys.argv[3]
+out = {}
+if what == "minhash":
+    cfg = MinhashConfig(n_grams=5, num_buckets=14, hashes_per_bucket=8)
+    t = time.perf_counter()
+    for stage, tasks in (  # the bucket stage needs one task per bucket; still one worker
+        ([JsonlReader(src), MinhashDedupSignature(output_folder=f"{work}/sig", config=cfg)], 1),
+        ([MinhashDedupBuckets(input_folder=f"{work}/sig", output_folder=f"{work}/buckets", config=cfg)], 14),
+        ([MinhashDedupCluster(input_folder=f"{work}/buckets", output_folder=f"{work}/ids", config=cfg)], 1),
+    ):
+        LocalPipelineExecutor(pipeline=stage, tasks=tasks, workers=1, logging_dir=f"{work}/logs{time.time()}",
+                              skip_completed=False).run()
+    out["minhash_s"] = time.perf_counter() - t
+else:
+    docs = [Document(text=json.loads(l)["text"], id=str(i)) for i, l in enumerate(open(src))]
+    q, r = GopherQualityFilter(), GopherRepetitionFilter()
+    t = time.perf_counter()
+    kept = []
+    for d in docs:
+        ok = q.filter(d)
+        ok = ok if ok is not True and ok is not False and not isinstance(ok, bool) else ok
+        keep = (ok is True) or (isinstance(ok, tuple) and ok[0])
+        if keep:
+            ok2 = r.filter(d)
+            keep = (ok2 is True) or (isinstance(ok2, tuple) and ok2[0])
+        kept.append(keep)
+    out["gopher_s"] = time.perf_counter() - t
+    out["kept"] = kept
+out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+print(json.dumps(out))
+"""
+
+
+def chunks(text: str, size: int = 1000) -> list[str]:
+    out, cur = [], ""
+    for para in text.split("\n\n"):
+        cur = f"{cur}\n\n{para}" if cur else para
+        if len(cur) >= size:
+            out.append(cur)
+            cur = ""
+    return out + ([cur] if cur.strip() else [])
+
+
+def build_documents(n: int, seed: int = 0) -> tuple[list[str], list[tuple[int, int, float]]]:
+    """Real text chunks, plus injected exact and near copies with their brute-force Jaccard."""
+    from lmforge.data.default_corpus import default_documents
+
+    base: list[str] = []
+    for d in default_documents():
+        base += chunks(d["text"])
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    for path in sorted(stdlib.rglob("*.py")):
+        if len(base) >= n:
+            break
+        try:
+            base += chunks(path.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, OSError):
+            continue
+    rng = random.Random(seed)
+    n_inject = n // 20
+    docs = base[: n - n_inject]
+    pairs = []
+    for _ in range(n_inject):
+        i = rng.randrange(len(docs))
+        words = docs[i].split(" ")
+        if len(words) < 60:
+            continue
+        k = rng.choice([0, 1, 2, 4, 8, 20, 40])
+        for j in rng.sample(range(len(words)), min(k, len(words))):
+            words[j] = f"injected{rng.randrange(10**9)}"
+        docs.append(" ".join(words))
+        pairs.append((i, len(docs) - 1, jaccard(docs[i], docs[-1])))
+    return docs, pairs
+
+
+def jaccard(a: str, b: str, n: int = 5) -> float:
+    from lmforge.data.minhash import tokens
+
+    def grams(t: str) -> set:
+        w = tokens(t)
+        return {tuple(w[i : i + n]) for i in range(max(1, len(w) - n + 1))}
+
+    x, y = grams(a), grams(b)
+    return len(x & y) / max(1, len(x | y))
+
+
+def lmforge_minhash(docs: list[str]) -> tuple[float, np.ndarray]:
+    from lmforge.data.minhash import MinHasher, ShingleHasher, duplicate_clusters
+
+    t = time.perf_counter()
+    hasher, mh = ShingleHasher(5), MinHasher(14, 8)
+    keys = []
+    for start in range(0, len(docs), 1024):  # streamed in batches, as the pipeline does
+        batch = [hasher(d) for d in docs[start : start + 1024]]
+        keys.append(mh.band_keys(mh.signatures(batch)))
+    roots = duplicate_clusters(list(np.concatenate(keys).T)).roots()
+    return time.perf_counter() - t, roots
+
+
+def lmforge_gopher(docs: list[str]) -> tuple[float, list[bool]]:
+    from lmforge.data.filters import GopherQuality, GopherRepetition
+
+    q, r = GopherQuality(), GopherRepetition()
+    t = time.perf_counter()
+    kept = []
+    for text in docs:
+        d = {"text": text, "meta": {}}
+        kept.append(q(d) is None and r(d) is None)
+    return time.perf_counter() - t, kept
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--docs", type=int, default=50_000)
+    parser.add_argument("--gopher-docs", type=int, default=10_000)
+    parser.add_argument(
+        "--peer", default=os.environ.get("DATATROVE_PYTHON", "/work/datatrove-venv/bin/python")
+    )
+    args = parser.parse_args()
+    docs, pairs = build_documents(args.docs)
+    print(
+        f"{len(docs):,} documents, {sum(map(len, docs)):,} characters; {len(pairs)} injected copies"
+    )
+    results: dict = {"documents": len(docs)}
+
+    seconds, roots = lmforge_minhash(docs)
+    hi = [(a, b) for a, b, j in pairs if j >= 0.85]
+    recall = np.mean([roots[a] == roots[b] for a, b in hi])
+    dropped = np.flatnonzero(roots != np.arange(len(docs)))
+    # Precision: a dropped document must really be a near-copy (5-gram Jaccard >= 0.7 with the
+    # document its cluster keeps; brute force on a sample of 500).
+    sample = np.random.default_rng(0).choice(dropped, min(500, len(dropped)), replace=False)
+    precision = np.mean([jaccard(docs[i], docs[roots[i]]) >= 0.7 for i in sample])
+    results["lmforge_minhash"] = {
+        "seconds": seconds, "docs_per_s": len(docs) / seconds, "dropped": len(dropped),
+        "recall_j>=0.85": float(recall), "pairs_j>=0.85": len(hi), "precision": float(precision),
+    }  # fmt: skip
+    print("lmforge minhash", results["lmforge_minhash"])
+    sub = docs[: args.gopher_docs]
+    seconds, kept = lmforge_gopher(sub)
+    results["lmforge_gopher"] = {
+        "seconds": seconds,
+        "docs_per_s": len(sub) / seconds,
+        "kept": sum(kept),
+    }
+    print("lmforge gopher", results["lmforge_gopher"])
+    results["lmforge_peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+    if not Path(args.peer).exists():
+        print(f"datatrove not run: {args.peer} does not exist")
+    else:
+        with tempfile.TemporaryDirectory() as work:
+            for name, texts in (("minhash", docs), ("gopher", sub)):
+                src = Path(work) / f"{name}.jsonl"
+                with src.open("w") as f:
+                    for i, text in enumerate(texts):
+                        f.write(json.dumps({"text": text, "id": str(i)}) + "\n")
+                proc = subprocess.run([args.peer, "-c", DATATROVE, str(src), work, name],
+                                      capture_output=True, text=True)  # fmt: skip
+                if proc.returncode:
+                    print(proc.stderr[-3000:])
+                    continue
+                peer = json.loads(proc.stdout.strip().splitlines()[-1])
+                if name == "minhash":
+                    s = peer["minhash_s"]
+                    results["datatrove_minhash"] = {"seconds": s, "docs_per_s": len(docs) / s,
+                                                    "peak_rss_mb": peer["peak_rss_mb"]}  # fmt: skip
+                    ratio = results["lmforge_minhash"]["docs_per_s"] / (len(docs) / s)
+                    print(f"datatrove minhash {s:.1f}s; lmforge is {ratio:.2f}x")
+                else:
+                    s = peer["gopher_s"]
+                    agree = sum(a == b for a, b in zip(kept, peer["kept"]))
+                    results["datatrove_gopher"] = {"seconds": s, "docs_per_s": len(sub) / s,
+                                                   "kept": sum(peer["kept"]), "agree": agree}  # fmt: skip
+                    ratio = results["lmforge_gopher"]["docs_per_s"] / (len(sub) / s)
+                    print(f"datatrove gopher {s:.1f}s; lmforge is {ratio:.2f}x; "
+                          f"same decision on {agree}/{len(sub)}")  # fmt: skip
+    print(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
