@@ -47,7 +47,7 @@ def one(kind: str, steps: int, hf_dir: str) -> dict:
     x, y = data[:, :-1], data[:, 1:]
     if kind.startswith("lmforge"):
         model = load(hf_dir).train()
-        if kind == "lmforge-lora":
+        if kind.startswith("lmforge-lora"):
             add_adapter(model, PeftConfig(method="lora", lora=LoRAConfig(r=R, targets=TARGETS)))
         forward = model
     else:
@@ -64,9 +64,15 @@ def one(kind: str, steps: int, hf_dir: str) -> dict:
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4)
 
-    def step():
+    def loss_of(x, y):
         logits = forward(x)
-        F.cross_entropy(logits.reshape(-1, logits.size(-1)), y.reshape(-1)).backward()
+        return F.cross_entropy(logits.reshape(-1, logits.size(-1)), y.reshape(-1))
+
+    # What `--train.compile=true` does in the Trainer: compile model + loss (first step excluded).
+    loss_fn = torch.compile(loss_of) if kind.endswith("-compiled") else loss_of
+
+    def step():
+        loss_fn(x, y).backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
 
@@ -116,7 +122,7 @@ def main() -> None:
     hf_dir = tempfile.mkdtemp()
     export_hf(load("smollm2"), hf_dir)
     results = {}
-    for kind in ["lmforge-lora", "peft-lora", "lmforge-full"]:
+    for kind in ["lmforge-lora", "lmforge-lora-compiled", "peft-lora", "lmforge-full"]:
         cmd = [
             sys.executable,
             __file__,
