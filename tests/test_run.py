@@ -37,6 +37,8 @@ def test_run_on_user_data_writes_report(tmp_path):
         "--prompts=[Sentence]",
         '--chat_questions=["What is the capital of France?"]',
         "--chat_tokens=8",
+        "--sft_steps=20",
+        "--sft_eval_items=4",
     ]
     assert main(args) == 0
     report = (out / "report.md").read_text()
@@ -50,6 +52,7 @@ def test_run_on_user_data_writes_report(tmp_path):
         "unigram entropy",
         "## Samples",
         "Sentence",
+        "instruction tuning exact match before → after (held-out, n=4)",
     ]:
         assert key in report
     assert summary["tokens_seen"] == 30 * 4 * 32
