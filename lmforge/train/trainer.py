@@ -174,7 +174,13 @@ class Trainer:
         except (OSError, RuntimeError, ValueError) as e:
             raise CheckpointError(f"cannot resume: {state_file} is unreadable: {e}") from None
         self.model.load_state_dict(load_model(path).state_dict())
-        self.optimizer.load_state_dict(state["optimizer"])
+        try:
+            self.optimizer.load_state_dict(state["optimizer"])
+        except ValueError as e:  # e.g. the checkpoint trained other parameters (LoRA vs full)
+            raise CheckpointError(
+                f"cannot resume from {path}: its optimizer state does not fit this run's "
+                f"trainable parameters ({e}); use a new --out directory or --train.resume=false"
+            ) from None
         torch.set_rng_state(state["rng"]["torch"])
         if "cuda" in state["rng"] and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["rng"]["cuda"])

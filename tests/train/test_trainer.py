@@ -202,6 +202,15 @@ def test_resume_refuses_a_different_model(tmp_path):
         Trainer(other, config(), PatternData(), tmp_path).fit()
 
 
+def test_resume_refuses_other_trainable_parameters(tmp_path):
+    Trainer(small_model(), config(steps=4), PatternData(), tmp_path).fit()
+    model = small_model()
+    for name, p in model.named_parameters():
+        p.requires_grad_(name.startswith("blocks.0."))  # e.g. a run that trains only some weights
+    with pytest.raises(CheckpointError, match="optimizer state does not fit"):
+        Trainer(model, config(steps=8), PatternData(), tmp_path).fit()
+
+
 def test_time_limit_stops_early_with_a_final_checkpoint(tmp_path):
     summary = Trainer(
         small_model(),
