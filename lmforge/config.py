@@ -235,7 +235,14 @@ def parse_overrides(args: list[str]) -> dict[str, Any]:
                 raw = "true"
         try:
             value = yaml.safe_load(raw) if raw != "" else ""
-        except yaml.YAMLError:
+        except yaml.YAMLError as e:
+            if raw.lstrip().startswith(("[", "{")):
+                # A list or mapping that does not parse would otherwise become one string.
+                problem = str(getattr(e, "problem", "") or e).strip()
+                raise ConfigError(
+                    f"--{key}: cannot read {raw!r} as a YAML list or mapping ({problem}); "
+                    "quote items that contain ':', '?', ',' or '#', e.g. [\"What is X?\"]"
+                ) from None
             value = raw
         set_dotted(out, key, value)
         i += 1

@@ -122,3 +122,10 @@ def test_help_lists_every_field_with_default():
     ]:
         assert name in text
     assert "(default: 0.001)" in text and "peak learning rate" in text
+
+
+def test_an_override_list_that_is_not_yaml_is_an_error_not_a_string():
+    with pytest.raises(ConfigError, match=r"--prompts: cannot read .* as a YAML list"):
+        parse_overrides(["--prompts=[What is X?]"])
+    assert parse_overrides(['--prompts=["What is X?"]']) == {"prompts": ["What is X?"]}
+    assert parse_overrides(["--note=a: b: c"]) == {"note": "a: b: c"}  # plain text stays text
