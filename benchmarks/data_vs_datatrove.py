@@ -7,6 +7,9 @@ pair's 5-gram Jaccard is known by brute force). datatrove runs in its own virtua
 own executor: signature -> buckets -> cluster stages, and the Gopher filters.
 
     nice -n 19 .venv/bin/python benchmarks/data_vs_datatrove.py --docs 50000
+    # peak RSS of the lmforge side alone as the input grows 10x (one process each):
+    nice -n 19 .venv/bin/python benchmarks/data_vs_datatrove.py --docs 5000 --gopher-docs 5000 \
+        --lmforge-only
 """
 
 from __future__ import annotations
@@ -46,6 +49,10 @@ if what == "minhash":
         LocalPipelineExecutor(pipeline=stage, tasks=tasks, workers=1, logging_dir=f"{work}/logs{time.time()}",
                               skip_completed=False).run()
     out["minhash_s"] = time.perf_counter() - t
+    import os, struct
+    rm = f"{work}/ids/000000.remove"
+    data = open(rm, "rb").read() if os.path.exists(rm) else b""
+    out["removed"] = [v for (v,) in struct.iter_unpack("<I", data)]
 else:
     docs = [Document(text=json.loads(l)["text"], id=str(i)) for i, l in enumerate(open(src))]
     q, r = GopherQualityFilter(), GopherRepetitionFilter()
@@ -119,6 +126,18 @@ def jaccard(a: str, b: str, n: int = 5) -> float:
     return len(x & y) / max(1, len(x | y))
 
 
+def injected_precision(pairs: list[tuple[int, int, float]], dropped: set[int]) -> dict:
+    """Injected copies dropped, and the share of them that are true near-copies."""
+    js = [j for _, b, j in pairs if b in dropped]
+    hi = [j for _, _, j in pairs if j >= 0.85]
+    return {
+        "dropped": len(js),
+        "precision_j>=0.85": float(np.mean([j >= 0.85 for j in js])) if js else 1.0,
+        "precision_j>=0.7": float(np.mean([j >= 0.7 for j in js])) if js else 1.0,
+        "recall_j>=0.85": sum(j >= 0.85 for j in js) / max(1, len(hi)),
+    }
+
+
 def lmforge_minhash(docs: list[str]) -> tuple[float, np.ndarray]:
     from lmforge.data.minhash import MinHasher, ShingleHasher, duplicate_clusters
 
@@ -145,11 +164,16 @@ def lmforge_gopher(docs: list[str]) -> tuple[float, list[bool]]:
 
 
 def main() -> None:
+    from lmforge.data.filters import GopherQuality, GopherRepetition
+
     parser = argparse.ArgumentParser()
     parser.add_argument("--docs", type=int, default=50_000)
     parser.add_argument("--gopher-docs", type=int, default=10_000)
     parser.add_argument(
         "--peer", default=os.environ.get("DATATROVE_PYTHON", "/work/datatrove-venv/bin/python")
+    )
+    parser.add_argument(
+        "--lmforge-only", action="store_true", help="skip datatrove (peak-RSS runs: 5k vs 50k)"
     )
     args = parser.parse_args()
     docs, pairs = build_documents(args.docs)
@@ -166,6 +190,10 @@ def main() -> None:
     # document its cluster keeps; brute force on a sample of 500).
     sample = np.random.default_rng(0).choice(dropped, min(500, len(dropped)), replace=False)
     precision = np.mean([jaccard(docs[i], docs[roots[i]]) >= 0.7 for i in sample])
+    # Precision on the injected set (the issue's measure): of the injected copies dropped, the
+    # share whose true 5-gram Jaccard with their original is >= 0.85 (and >= 0.7, looser).
+    results["lmforge_injected"] = injected_precision(pairs, set(dropped.tolist()))
+    print("lmforge injected copies dropped", results["lmforge_injected"])
     results["lmforge_minhash"] = {
         "seconds": seconds, "docs_per_s": len(docs) / seconds, "dropped": len(dropped),
         "recall_j>=0.85": float(recall), "pairs_j>=0.85": len(hi), "precision": float(precision),
@@ -180,8 +208,11 @@ def main() -> None:
     }
     print("lmforge gopher", results["lmforge_gopher"])
     results["lmforge_peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(f"lmforge peak RSS {results['lmforge_peak_rss_mb']:.0f} MB")
 
-    if not Path(args.peer).exists():
+    if args.lmforge_only:
+        pass
+    elif not Path(args.peer).exists():
         print(f"datatrove not run: {args.peer} does not exist")
     else:
         with tempfile.TemporaryDirectory() as work:
@@ -201,6 +232,8 @@ def main() -> None:
                     results["datatrove_minhash"] = {"seconds": s, "docs_per_s": len(docs) / s,
                                                     "peak_rss_mb": peer["peak_rss_mb"]}  # fmt: skip
                     ratio = results["lmforge_minhash"]["docs_per_s"] / (len(docs) / s)
+                    results["datatrove_injected"] = injected_precision(pairs, set(peer["removed"]))
+                    print("datatrove injected copies dropped", results["datatrove_injected"])
                     print(f"datatrove minhash {s:.1f}s; lmforge is {ratio:.2f}x")
                 else:
                     s = peer["gopher_s"]
@@ -208,6 +241,10 @@ def main() -> None:
                     results["datatrove_gopher"] = {"seconds": s, "docs_per_s": len(sub) / s,
                                                    "kept": sum(peer["kept"]), "agree": agree}  # fmt: skip
                     ratio = results["lmforge_gopher"]["docs_per_s"] / (len(sub) / s)
+                    results["gopher_disagreements"] = [
+                        (i, GopherQuality()(d := {"text": sub[i], "meta": {}}) or GopherRepetition()(d))
+                        for i, (a, b) in enumerate(zip(kept, peer["kept"])) if a != b
+                    ]  # fmt: skip
                     print(f"datatrove gopher {s:.1f}s; lmforge is {ratio:.2f}x; "
                           f"same decision on {agree}/{len(sub)}")  # fmt: skip
     print(json.dumps(results, indent=2))

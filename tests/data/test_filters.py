@@ -62,11 +62,11 @@ def test_gopher_quality_is_cjk_aware():
 
 def _top_ngram_frac(text: str, n: int) -> float:
     """Brute force of Gopher's top n-gram character fraction (words joined by spaces)."""
-    from lmforge.data.filters import words_of
+    from lmforge.data.filters import english_words
 
-    w = words_of(text)
+    w = english_words(text)
     grams = Counter(" ".join(w[i : i + n]) for i in range(len(w) - n + 1))
-    gram, count = max(grams.items(), key=lambda kv: (kv[1], len(kv[0])))
+    gram, count = grams.most_common(1)[0]  # ties: the first seen, as datatrove
     return len(gram) * count / len(text)
 
 
@@ -154,3 +154,30 @@ def test_trie_pattern_matches_exactly_the_words():
         assert pattern.match(w)
     for w in ["ca", "carts", "do", "cat"]:
         assert not pattern.match(w)
+
+
+def test_english_words_count_as_datatrove_spacy_tokenizer():
+    """Hand-checked against datatrove 0.10.1's split_into_words (spaCy 3 blank "en")."""
+    from lmforge.data.filters import english_words
+
+    assert english_words("Don't stop, e.g. at 5km... (really)!") == [
+        "Do", "n't", "stop", ",", "e.g.", "at", "5", "km", "...", "(", "really", ")", "!",
+    ]  # fmt: skip
+    assert english_words("def f(x):\n    return x[1:] # U.S.A. state-of-the-art") == [
+        "def", "f(x", "):", "return", "x[1", ":]", "#", "U.S.A.", "state", "-", "of", "-",
+        "the", "-", "art",
+    ]  # fmt: skip
+    assert english_words("ID I'm they're cannot https://example.com/a.") == [
+        "ID", "I", "'m", "they", "'re", "can", "not", "https://example.com/a", ".",
+    ]  # fmt: skip
+    # Punctuation tokens are not words for the length rules but count in the alphabetic ratio:
+    # 50 words + 50 "," tokens is 100 tokens with 50% alphabetic, below Gopher's 80%.
+    g = GopherQuality()
+    assert g(doc(", ".join(["the", "of", "cat", "dog", "bird"] * 10))) == (
+        "gopher_below_alpha_threshold"
+    )
+    assert g(doc(" ".join(["the", "of", "cat", "dog", "bird"] * 10))) is None
+    # Stop words are distinct words ("at least two of": the paper); "the the" is one.
+    assert g(doc(" ".join(["the", "cat", "dog", "bird", "fish"] * 10))) == (
+        "gopher_enough_stop_words"
+    )
