@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import regex
@@ -229,24 +230,20 @@ _SYMBOL = regex.compile(
 )
 
 
+@dataclass
 class GopherQuality:
     """Rae et al. 2021, appendix A, table A1 (the published thresholds are the defaults)."""
 
-    def __init__(
-        self,
-        min_words: int = 50,
-        max_words: int = 100_000,
-        min_mean_word_length: float = 3,
-        max_mean_word_length: float = 10,
-        max_symbol_word_ratio: float = 0.1,
-        max_bullet_lines_ratio: float = 0.9,
-        max_ellipsis_lines_ratio: float = 0.3,
-        min_alpha_words_ratio: float = 0.8,
-        min_stop_words: int = 2,
-        cjk_threshold: float = 0.3,
-    ) -> None:
-        self.__dict__.update(locals())
-        del self.__dict__["self"]
+    min_words: int = 50
+    max_words: int = 100_000
+    min_mean_word_length: float = 3
+    max_mean_word_length: float = 10
+    max_symbol_word_ratio: float = 0.1
+    max_bullet_lines_ratio: float = 0.9
+    max_ellipsis_lines_ratio: float = 0.3
+    min_alpha_words_ratio: float = 0.8
+    min_stop_words: int = 2
+    cjk_threshold: float = 0.3
 
     def __call__(self, doc: dict) -> str | None:
         text = doc["text"]
@@ -306,30 +303,21 @@ def _duplicates(elements: list[str]) -> tuple[int, int]:
     return count, chars
 
 
+@dataclass
 class GopherRepetition:
     """Rae et al. 2021, table A1: duplicate lines/paragraphs and repeated n-grams, as fractions
     of lines, paragraphs or characters. N-grams are hashed to integers with numpy. In CJK text
     an n-gram counts characters, so n is doubled (two characters ~ one word)."""
 
-    def __init__(
-        self,
-        dup_line_frac: float = 0.3,
-        dup_para_frac: float = 0.3,
-        dup_line_char_frac: float = 0.2,
-        dup_para_char_frac: float = 0.2,
-        top_n_grams: Sequence[Sequence[float]] = ((2, 0.2), (3, 0.18), (4, 0.16)),
-        dup_n_grams: Sequence[Sequence[float]] = (
-            (5, 0.15),
-            (6, 0.14),
-            (7, 0.13),
-            (8, 0.12),
-            (9, 0.11),
-            (10, 0.10),
-        ),  # fmt: skip
-        cjk_threshold: float = 0.3,
-    ) -> None:
-        self.__dict__.update(locals())
-        del self.__dict__["self"]
+    dup_line_frac: float = 0.3
+    dup_para_frac: float = 0.3
+    dup_line_char_frac: float = 0.2
+    dup_para_char_frac: float = 0.2
+    top_n_grams: Sequence[Sequence[float]] = ((2, 0.2), (3, 0.18), (4, 0.16))
+    dup_n_grams: Sequence[Sequence[float]] = (
+        (5, 0.15), (6, 0.14), (7, 0.13), (8, 0.12), (9, 0.11), (10, 0.10),
+    )  # fmt: skip
+    cjk_threshold: float = 0.3
 
     def __call__(self, doc: dict) -> str | None:
         text = doc["text"]
@@ -414,6 +402,7 @@ def _repeated_ngram_chars(ids: np.ndarray, lengths: np.ndarray, n: int) -> int:
     return chars
 
 
+@dataclass
 class C4Filter:
     """Raffel et al. 2020 §2.2 (C4): keep lines ending in terminal punctuation with at least 3
     words, drop lines mentioning javascript or cookie/terms boilerplate, drop documents with
@@ -421,16 +410,11 @@ class C4Filter:
 
     POLICY = ("terms of use", "privacy policy", "cookie policy", "uses cookies", "use of cookies")
 
-    def __init__(
-        self,
-        min_words_per_line: int = 3,
-        min_sentences: int = 5,
-        max_word_length: int = 1000,
-        drop_curly_bracket: bool = True,
-        cjk_threshold: float = 0.3,
-    ) -> None:
-        self.__dict__.update(locals())
-        del self.__dict__["self"]
+    min_words_per_line: int = 3
+    min_sentences: int = 5
+    max_word_length: int = 1000
+    drop_curly_bracket: bool = True
+    cjk_threshold: float = 0.3
 
     def __call__(self, doc: dict) -> str | None:
         text = doc["text"]
@@ -462,24 +446,20 @@ class C4Filter:
         return None
 
 
+@dataclass
 class FineWebFilter:
     """Penedo et al. 2024 (FineWeb) rules, datatrove's thresholds: share of lines ending in
     punctuation >= 0.12, share of lines under 30 characters <= 0.67, characters in duplicated
     lines <= 1%, newlines per word <= 0.3. CJK lines are short in characters, so the short-line
     length is 10 characters there."""
 
-    def __init__(
-        self,
-        line_punct_thr: float = 0.12,
-        short_line_thr: float = 0.67,
-        short_line_length: int = 30,
-        short_line_length_cjk: int = 10,
-        char_duplicates_ratio: float = 0.01,
-        new_line_ratio: float = 0.3,
-        cjk_threshold: float = 0.3,
-    ) -> None:
-        self.__dict__.update(locals())
-        del self.__dict__["self"]
+    line_punct_thr: float = 0.12
+    short_line_thr: float = 0.67
+    short_line_length: int = 30
+    short_line_length_cjk: int = 10
+    char_duplicates_ratio: float = 0.01
+    new_line_ratio: float = 0.3
+    cjk_threshold: float = 0.3
 
     def __call__(self, doc: dict) -> str | None:
         text = doc["text"]
