@@ -103,6 +103,16 @@ class MinHasher:
         nonempty = np.flatnonzero(lengths)
         start = 0
         while start < len(nonempty):
+            first = nonempty[start]
+            if lengths[first] > self.chunk:
+                # One huge document (a multi-MB line): hash it in slices with a running minimum,
+                # so memory stays chunk x k whatever the document's size.
+                row, doc = out[first], shingles[first]
+                for at in range(0, len(doc), self.chunk):
+                    part = _mix(doc[at : at + self.chunk, None] ^ self.seeds[None, :], inplace=True)
+                    np.minimum(row, part.min(axis=0), out=row)
+                start += 1
+                continue
             # Take documents until the chunk holds about `self.chunk` shingles (at least one doc).
             stop = (
                 start

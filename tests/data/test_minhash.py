@@ -5,7 +5,14 @@ import random
 import numpy as np
 import pytest
 
-from lmforge.data.minhash import MinHasher, ShingleHasher, UnionFind, near_duplicates, tokens
+from lmforge.data.minhash import (
+    MinHasher,
+    ShingleHasher,
+    UnionFind,
+    _mix,
+    near_duplicates,
+    tokens,
+)
 
 
 def _words(rng: random.Random, n: int) -> list[str]:
@@ -96,3 +103,15 @@ def test_bad_parameters():
         ShingleHasher(0)
     with pytest.raises(ValueError, match="buckets and rows"):
         MinHasher(0, 8)
+
+
+def test_huge_documents_are_hashed_in_slices_with_the_same_signature():
+    rng = np.random.default_rng(0)
+    docs = [rng.integers(0, 2**63, n, dtype=np.uint64) for n in (5, 3000, 40, 0, 2500, 7)]
+    whole = MinHasher(chunk=1 << 20).signatures(docs)  # everything in one pass
+    sliced = MinHasher(chunk=256).signatures(docs)  # 3000- and 2500-shingle docs in slices
+    assert np.array_equal(whole, sliced)
+    # The brute-force minimum over every shingle, for one permutation, as a check of both.
+    h = MinHasher(chunk=256)
+    x = docs[1] ^ h.seeds[3]
+    assert sliced[1, 3] == _mix(x).min()
