@@ -19,33 +19,7 @@ from lmforge.infer.generate import (
 )
 from lmforge.model import KVCache, ModelConfig, Transformer
 
-VOCAB = 97
-VARIANTS = {
-    "llama": {},
-    "gpt2": {"position": "learned", "norm": "layernorm", "mlp": "gelu_tanh", "bias": True},
-}
 GREEDY = SamplingParams(max_new_tokens=12, temperature=0.0)
-
-
-def tiny_model(variant: str = "llama") -> Transformer:
-    # init_std 0.3 (not 0.02) so a random model does not just repeat one token forever.
-    torch.manual_seed(0)
-    config = ModelConfig(
-        vocab_size=VOCAB,
-        d_model=64,
-        n_layers=2,
-        n_heads=4,
-        n_kv_heads=2,
-        max_seq_len=48,
-        init_std=0.3,
-        **VARIANTS[variant],
-    )
-    return Transformer(config).eval()
-
-
-@pytest.fixture(scope="module", params=list(VARIANTS))
-def model(request: pytest.FixtureRequest) -> Transformer:
-    return tiny_model(request.param)
 
 
 class CharTokenizer:
@@ -100,7 +74,7 @@ def greedy_by_recomputation(model: Transformer, prompt: list[int], n: int, penal
 
 def test_cached_logits_match_full_recomputation(model: Transformer) -> None:
     # Left-padded batch: row 0 has 3 pads. Decode 5 tokens with the cache, compare every step.
-    ids = torch.randint(0, VOCAB, (2, 12))
+    ids = torch.randint(0, model.config.vocab_size, (2, 12))
     mask = torch.ones(2, 12, dtype=torch.long)
     mask[0, :3] = 0
     with torch.no_grad():
