@@ -4,12 +4,16 @@ Documents: ~1,000-character chunks of lmforge's default corpus and of the standa
 Python sources, plus injected exact copies and near-copies (k random words replaced, so each
 pair's 5-gram Jaccard is known by brute force). datatrove runs in its own virtualenv
 (DATATROVE_PYTHON, default /work/datatrove-venv/bin/python) on the same JSONL file, through its
-own executor: signature -> buckets -> cluster stages, and the Gopher filters.
+own executor: signature -> buckets -> cluster stages, and the Gopher filters. Both wall and CPU
+time (time.process_time of the one process that does the work) are reported: on a shared machine
+the CPU-time ratio is the steadier one.
 
     nice -n 19 .venv/bin/python benchmarks/data_vs_datatrove.py --docs 50000
     # peak RSS of the lmforge side alone as the input grows 10x (one process each):
     nice -n 19 .venv/bin/python benchmarks/data_vs_datatrove.py --docs 5000 --gopher-docs 5000 \
         --lmforge-only
+    # peak RSS of `lmforge data process` (minhash_dedup) over the same documents in 10 shards:
+    nice -n 19 .venv/bin/python benchmarks/data_vs_datatrove.py --docs 5000 --pipeline
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ from pathlib import Path
 import numpy as np
 
 DATATROVE = r"""
-import json, sys, time, resource
+import json, sys, time
 from datatrove.data import Document
 from datatrove.pipeline.dedup.minhash import (MinhashConfig, MinhashDedupBuckets,
     MinhashDedupCluster, MinhashDedupSignature)
@@ -40,7 +44,7 @@ src, work, what = sys.argv[1], sys.argv[2], sys.argv[3]
 out = {}
 if what == "minhash":
     cfg = MinhashConfig(n_grams=5, num_buckets=14, hashes_per_bucket=8)
-    t = time.perf_counter()
+    t, c = time.perf_counter(), time.process_time()
     for stage, tasks in (  # the bucket stage needs one task per bucket; still one worker
         ([JsonlReader(src), MinhashDedupSignature(output_folder=f"{work}/sig", config=cfg)], 1),
         ([MinhashDedupBuckets(input_folder=f"{work}/sig", output_folder=f"{work}/buckets", config=cfg)], 14),
@@ -48,7 +52,7 @@ if what == "minhash":
     ):
         LocalPipelineExecutor(pipeline=stage, tasks=tasks, workers=1, logging_dir=f"{work}/logs{time.time()}",
                               skip_completed=False).run()
-    out["minhash_s"] = time.perf_counter() - t
+    out["minhash_s"], out["minhash_cpu_s"] = time.perf_counter() - t, time.process_time() - c
     import os, struct
     rm = f"{work}/ids/000000.remove"
     data = open(rm, "rb").read() if os.path.exists(rm) else b""
@@ -56,7 +60,7 @@ if what == "minhash":
 else:
     docs = [Document(text=json.loads(l)["text"], id=str(i)) for i, l in enumerate(open(src))]
     q, r = GopherQualityFilter(), GopherRepetitionFilter()
-    t = time.perf_counter()
+    t, c = time.perf_counter(), time.process_time()
     kept = []
     for d in docs:
         ok = q.filter(d)
@@ -66,11 +70,48 @@ else:
             ok2 = r.filter(d)
             keep = (ok2 is True) or (isinstance(ok2, tuple) and ok2[0])
         kept.append(keep)
-    out["gopher_s"] = time.perf_counter() - t
+    out["gopher_s"], out["gopher_cpu_s"] = time.perf_counter() - t, time.process_time() - c
     out["kept"] = kept
-out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+status = open("/proc/self/status").read().splitlines()  # VmHWM: see PIPELINE below
+out["peak_rss_mb"] = int(next(l for l in status if l.startswith("VmHWM")).split()[1]) / 1024
 print(json.dumps(out))
 """
+
+# The streaming pipeline in a fresh process (so the benchmark's in-memory documents do not count).
+# Peaks of child processes from /proc's VmHWM: getrusage's ru_maxrss survives exec on Linux, so
+# a child started from this (large) process would report at least this process's size.
+PIPELINE = r"""
+import json, sys, time
+from pathlib import Path
+def hwm():
+    line = next(l for l in Path("/proc/self/status").read_text().splitlines() if l.startswith("VmHWM"))
+    return int(line.split()[1]) / 1024
+from lmforge.data.pipeline import PipelineConfig, process
+base = hwm()
+t, c = time.perf_counter(), time.process_time()
+config = PipelineConfig(input=[sys.argv[1]], output=sys.argv[2], steps=["minhash_dedup"],
+                        rejects=False, overwrite=True)
+stats = process(config)
+print(json.dumps({"seconds": time.perf_counter() - t, "cpu_s": time.process_time() - c,
+                  "documents_out": stats["output_documents"], "decision": stats["decisions"],
+                  "rss_after_imports_mb": base,
+                  "peak_rss_mb": hwm()}))
+"""
+
+
+def pipeline_rss(docs: list[str], shards: int = 10) -> dict:
+    """Peak RSS of `lmforge data process` with `minhash_dedup` over the documents in JSONL shards."""
+    with tempfile.TemporaryDirectory() as work:
+        root = Path(work) / "in"
+        root.mkdir()
+        per = -(-len(docs) // shards)
+        for s in range(shards):
+            with (root / f"part{s:02d}.jsonl").open("w") as f:
+                for i, text in enumerate(docs[s * per : (s + 1) * per]):
+                    f.write(json.dumps({"text": text, "id": f"{s}-{i}"}) + "\n")
+        proc = subprocess.run([sys.executable, "-c", PIPELINE, str(root), f"{work}/out"],
+                              capture_output=True, text=True, check=True)  # fmt: skip
+    return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 def chunks(text: str, size: int = 1000) -> list[str]:
@@ -138,29 +179,39 @@ def injected_precision(pairs: list[tuple[int, int, float]], dropped: set[int]) -
     }
 
 
-def lmforge_minhash(docs: list[str]) -> tuple[float, np.ndarray]:
+def lmforge_minhash(docs: list[str], threshold: float | None) -> tuple[tuple, np.ndarray, dict]:
+    """Signatures, buckets and clusters; with `threshold`, candidate pairs are verified by exact
+    Jaccard (the candidates' shingles recomputed from the text, as the pipeline does)."""
     from lmforge.data.minhash import MinHasher, ShingleHasher, duplicate_clusters
 
-    t = time.perf_counter()
+    t, c = time.perf_counter(), time.process_time()
     hasher, mh = ShingleHasher(5), MinHasher(14, 8)
     keys = []
     for start in range(0, len(docs), 1024):  # streamed in batches, as the pipeline does
         batch = [hasher(d) for d in docs[start : start + 1024]]
         keys.append(mh.band_keys(mh.signatures(batch)))
-    roots = duplicate_clusters(list(np.concatenate(keys).T)).roots()
-    return time.perf_counter() - t, roots
+
+    def shingles(ids: np.ndarray):
+        return ((i, hasher(docs[i])) for i in ids.tolist())
+
+    uf, summary = duplicate_clusters(
+        list(np.concatenate(keys).T),
+        shingles=None if threshold is None else shingles,
+        threshold=threshold or 0.0,
+    )
+    return (time.perf_counter() - t, time.process_time() - c), uf.roots(), summary
 
 
-def lmforge_gopher(docs: list[str]) -> tuple[float, list[bool]]:
+def lmforge_gopher(docs: list[str]) -> tuple[tuple, list[bool]]:
     from lmforge.data.filters import GopherQuality, GopherRepetition
 
     q, r = GopherQuality(), GopherRepetition()
-    t = time.perf_counter()
+    t, c = time.perf_counter(), time.process_time()
     kept = []
     for text in docs:
         d = {"text": text, "meta": {}}
         kept.append(q(d) is None and r(d) is None)
-    return time.perf_counter() - t, kept
+    return (time.perf_counter() - t, time.process_time() - c), kept
 
 
 def main() -> None:
@@ -173,42 +224,60 @@ def main() -> None:
         "--peer", default=os.environ.get("DATATROVE_PYTHON", "/work/datatrove-venv/bin/python")
     )
     parser.add_argument(
+        "--threshold", type=float, default=0.85, help="exact-Jaccard check of candidate pairs"
+    )
+    parser.add_argument(
         "--lmforge-only", action="store_true", help="skip datatrove (peak-RSS runs: 5k vs 50k)"
+    )
+    parser.add_argument(
+        "--pipeline", action="store_true", help="only the peak RSS of the streaming pipeline"
     )
     args = parser.parse_args()
     docs, pairs = build_documents(args.docs)
     print(
         f"{len(docs):,} documents, {sum(map(len, docs)):,} characters; {len(pairs)} injected copies"
     )
+    if args.pipeline:
+        print(json.dumps({"documents": len(docs), "pipeline": pipeline_rss(docs)}, indent=2))
+        return
     results: dict = {"documents": len(docs)}
+    # Peak so far: the documents (held in memory here, streamed in the pipeline) and their build.
+    results["rss_after_documents_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
-    seconds, roots = lmforge_minhash(docs)
     hi = [(a, b) for a, b, j in pairs if j >= 0.85]
-    recall = np.mean([roots[a] == roots[b] for a, b in hi])
-    dropped = np.flatnonzero(roots != np.arange(len(docs)))
-    # Precision: a dropped document must really be a near-copy (5-gram Jaccard >= 0.7 with the
-    # document its cluster keeps; brute force on a sample of 500).
-    sample = np.random.default_rng(0).choice(dropped, min(500, len(dropped)), replace=False)
-    precision = np.mean([jaccard(docs[i], docs[roots[i]]) >= 0.7 for i in sample])
-    # Precision on the injected set (the issue's measure): of the injected copies dropped, the
-    # share whose true 5-gram Jaccard with their original is >= 0.85 (and >= 0.7, looser).
-    results["lmforge_injected"] = injected_precision(pairs, set(dropped.tolist()))
-    print("lmforge injected copies dropped", results["lmforge_injected"])
-    results["lmforge_minhash"] = {
-        "seconds": seconds, "docs_per_s": len(docs) / seconds, "dropped": len(dropped),
-        "recall_j>=0.85": float(recall), "pairs_j>=0.85": len(hi), "precision": float(precision),
-    }  # fmt: skip
-    print("lmforge minhash", results["lmforge_minhash"])
+    for label, threshold in (("lmforge_minhash", args.threshold), ("lmforge_unverified", None)):
+        (seconds, cpu), roots, summary = lmforge_minhash(docs, threshold)
+        recall = np.mean([roots[a] == roots[b] for a, b in hi])
+        dropped = np.flatnonzero(roots != np.arange(len(docs)))
+        # Precision over all drops: a dropped document must really be a near-copy (5-gram
+        # Jaccard >= 0.7 with the document its cluster keeps; brute force on a sample of 500).
+        sample = np.random.default_rng(0).choice(dropped, min(500, len(dropped)), replace=False)
+        precision = np.mean([jaccard(docs[i], docs[roots[i]]) >= 0.7 for i in sample])
+        # Precision on the injected set (the issue's measure): of the injected copies dropped,
+        # the share whose true 5-gram Jaccard with their original is >= 0.85 (and >= 0.7).
+        results[f"{label}_injected"] = injected_precision(pairs, set(dropped.tolist()))
+        print(label, "injected copies dropped", results[f"{label}_injected"])
+        results[label] = {
+            "seconds": seconds, "cpu_s": cpu, "docs_per_s": len(docs) / seconds,
+            "dropped": len(dropped),
+            "recall_j>=0.85": float(recall), "pairs_j>=0.85": len(hi),
+            "precision_all_drops_j>=0.7": float(precision), **summary,
+        }  # fmt: skip
+        print(label, results[label])
+    results["rss_after_minhash_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     sub = docs[: args.gopher_docs]
-    seconds, kept = lmforge_gopher(sub)
+    (seconds, cpu), kept = lmforge_gopher(sub)
     results["lmforge_gopher"] = {
         "seconds": seconds,
+        "cpu_s": cpu,
         "docs_per_s": len(sub) / seconds,
         "kept": sum(kept),
     }
     print("lmforge gopher", results["lmforge_gopher"])
     results["lmforge_peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(f"lmforge peak RSS {results['lmforge_peak_rss_mb']:.0f} MB")
+    print(f"lmforge peak RSS {results['lmforge_peak_rss_mb']:.0f} MB "
+          f"({results['rss_after_documents_mb']:.0f} MB after building the documents, "
+          f"{results['rss_after_minhash_mb']:.0f} MB after MinHash)")  # fmt: skip
 
     if args.lmforge_only:
         pass
@@ -228,24 +297,34 @@ def main() -> None:
                     continue
                 peer = json.loads(proc.stdout.strip().splitlines()[-1])
                 if name == "minhash":
-                    s = peer["minhash_s"]
-                    results["datatrove_minhash"] = {"seconds": s, "docs_per_s": len(docs) / s,
-                                                    "peak_rss_mb": peer["peak_rss_mb"]}  # fmt: skip
-                    ratio = results["lmforge_minhash"]["docs_per_s"] / (len(docs) / s)
+                    s, cpu = peer["minhash_s"], peer["minhash_cpu_s"]
+                    ours = results["lmforge_minhash"]
+                    results["datatrove_minhash"] = {
+                        "seconds": s, "cpu_s": cpu, "docs_per_s": len(docs) / s,
+                        "peak_rss_mb": peer["peak_rss_mb"],
+                        "ratio_wall": s / ours["seconds"], "ratio_cpu": cpu / ours["cpu_s"],
+                    }  # fmt: skip
                     results["datatrove_injected"] = injected_precision(pairs, set(peer["removed"]))
                     print("datatrove injected copies dropped", results["datatrove_injected"])
-                    print(f"datatrove minhash {s:.1f}s; lmforge is {ratio:.2f}x")
+                    print(f"datatrove minhash {s:.1f}s ({cpu:.1f}s CPU); lmforge is "
+                          f"{s / ours['seconds']:.2f}x in wall time, "
+                          f"{cpu / ours['cpu_s']:.2f}x in CPU time")  # fmt: skip
                 else:
-                    s = peer["gopher_s"]
+                    s, cpu = peer["gopher_s"], peer["gopher_cpu_s"]
+                    ours = results["lmforge_gopher"]
                     agree = sum(a == b for a, b in zip(kept, peer["kept"]))
-                    results["datatrove_gopher"] = {"seconds": s, "docs_per_s": len(sub) / s,
-                                                   "kept": sum(peer["kept"]), "agree": agree}  # fmt: skip
-                    ratio = results["lmforge_gopher"]["docs_per_s"] / (len(sub) / s)
+                    results["datatrove_gopher"] = {
+                        "seconds": s, "cpu_s": cpu, "docs_per_s": len(sub) / s,
+                        "kept": sum(peer["kept"]), "agree": agree,
+                        "ratio_wall": s / ours["seconds"], "ratio_cpu": cpu / ours["cpu_s"],
+                    }  # fmt: skip
                     results["gopher_disagreements"] = [
                         (i, GopherQuality()(d := {"text": sub[i], "meta": {}}) or GopherRepetition()(d))
                         for i, (a, b) in enumerate(zip(kept, peer["kept"])) if a != b
                     ]  # fmt: skip
-                    print(f"datatrove gopher {s:.1f}s; lmforge is {ratio:.2f}x; "
+                    print(f"datatrove gopher {s:.1f}s ({cpu:.1f}s CPU); lmforge is "
+                          f"{s / ours['seconds']:.2f}x in wall time, "
+                          f"{cpu / ours['cpu_s']:.2f}x in CPU time; "
                           f"same decision on {agree}/{len(sub)}")  # fmt: skip
     print(json.dumps(results, indent=2))
 

@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import hashlib
 import unicodedata
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
 
 import numpy as np
 import regex
 
-from lmforge.data.minhash import MinHasher, ShingleHasher, UnionFind, duplicate_clusters
+from lmforge.data.minhash import MinHasher, ShingleHasher, duplicate_clusters
 
 _SPACE = regex.compile(r"\s+")
 _SENTENCE = regex.compile(r"(?<=[.!?。！？])\s*")
@@ -151,23 +153,72 @@ class _MinHashCollector:
 
 class MinHashDedup:
     """Near-duplicate documents by MinHash-LSH (FineWeb defaults: word 5-grams, 14 buckets of 8
-    hashes); union-find clusters, the first document of each cluster kept."""
+    hashes); union-find clusters, the first document of each cluster kept.
 
-    def __init__(self, n: int = 5, buckets: int = 14, rows: int = 8, unit: str = "word") -> None:
+    With `verify` (the default) an LSH candidate pair is merged only if the exact Jaccard of its
+    two shingle sets is >= `threshold`. 0.85 is where the 14 x 8 S-curve reaches 0.99 (1 - (1 -
+    0.85^8)^14 = 0.988): above it LSH finds nearly every pair, so the result is close to "all
+    pairs with Jaccard >= 0.85"; a lower threshold would only filter pairs that LSH finds by
+    chance (half of them at 0.7). With another layout choose a threshold on its S-curve's top."""
+
+    def __init__(
+        self,
+        n: int = 5,
+        buckets: int = 14,
+        rows: int = 8,
+        unit: str = "word",
+        verify: bool = True,
+        threshold: float = 0.85,
+    ) -> None:
+        if not 0 < threshold <= 1:
+            raise ValueError(f"threshold must be in (0, 1], got {threshold}")
         self.shingles = ShingleHasher(n, unit)
         self.minhasher = MinHasher(buckets, rows)
+        self.verify, self.threshold = verify, threshold
+        self.plan: dict = {}
 
     def collector(self) -> _MinHashCollector:
         return _MinHashCollector(self)
 
-    def decide(self, collected: list[dict[str, np.ndarray]]) -> list[dict[str, np.ndarray]]:
+    def decide(
+        self,
+        collected: list[dict[str, np.ndarray]],
+        documents: Callable[[int], Iterable[str]] | None = None,
+        scratch: str | Path | None = None,
+    ) -> list[dict[str, np.ndarray]]:
+        """`documents(shard)` yields that shard's texts again in collection order: verification
+        re-shingles the documents that have a candidate (in a temporary file under `scratch`)."""
         keys = [c["keys"] for c in collected]
         sizes = [len(k) for k in keys]
+        bounds = np.cumsum([0, *sizes])
         flat = np.concatenate(keys) if keys else np.zeros((0, self.minhasher.buckets), np.uint64)
-        uf = duplicate_clusters(list(flat.T)) if len(flat) else UnionFind(0)
+        if self.verify and documents is None:
+            raise ValueError(
+                "minhash_dedup: verification needs the documents again (or verify: false)"
+            )
+
+        def shingles(docs: np.ndarray) -> Iterator[tuple[int, np.ndarray]]:
+            for shard in range(len(sizes)):
+                lo, hi = bounds[shard], bounds[shard + 1]
+                wanted = (docs[(docs >= lo) & (docs < hi)] - lo).tolist()
+                if not wanted:
+                    continue
+                at = 0
+                for i, text in enumerate(documents(shard)):
+                    if i == wanted[at]:
+                        yield int(lo) + i, self.shingles(text)
+                        at += 1
+                        if at == len(wanted):
+                            break
+
+        uf, self.plan = duplicate_clusters(
+            list(flat.T),
+            shingles=shingles if self.verify else None,
+            threshold=self.threshold,
+            scratch=scratch,
+        )
         roots = uf.roots()
         drop = roots != np.arange(len(flat))
-        bounds = np.cumsum([0, *sizes])
         return [{"drop": drop[a:b], "cluster": roots[a:b]} for a, b in zip(bounds[:-1], bounds[1:])]
 
     def apply(self, doc: dict, index: int, decision: dict) -> tuple[list[dict], str | None]:

@@ -8,12 +8,19 @@ documents agree on one signature entry with probability equal to their Jaccard s
 bands of `rows` entries; documents that share any whole band are candidates, which happens with
 probability 1 - (1 - J^rows)^buckets. FineWeb's 14 x 8 layout on 5-grams puts that S-curve's
 midpoint near J = 0.75.
+
+Banding alone is not a threshold: with 14 x 8 a pair at J = 0.7 is a candidate half of the time.
+So candidate pairs are verified (Leskovec et al. §3.4.3, "check candidate pairs"): the exact
+Jaccard of the two shingle sets, re-computed only for documents that have a candidate and kept in
+a temporary file, must reach a threshold before the pair is merged.
 """
 
 from __future__ import annotations
 
+import tempfile
 import zlib
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
 
 import numpy as np
 import regex
@@ -162,26 +169,149 @@ class UnionFind:
             self.parent[max(ra, rb)] = min(ra, rb)
 
 
-def duplicate_clusters(band_keys: Sequence[np.ndarray] | np.ndarray) -> UnionFind:
-    """Union every pair of documents that share a band key, one bucket at a time (so memory is a
-    few arrays of length `documents`, not the signature matrix)."""
+# Within one band's run of equal keys, each member is paired with the run's first member and the
+# _WINDOW members before it. Without verification this connects the same documents as all pairs
+# would (neighbours chain the run); with it, a run of k documents costs O(k) checks, not O(k^2).
+_WINDOW = 4
+
+
+def candidate_pairs(band_keys: Sequence[np.ndarray] | np.ndarray) -> np.ndarray:
+    """(pairs, 2) int64 document indices a < b that share a band key, unique and sorted; one
+    bucket at a time, so memory is a few arrays of length `documents`."""
     columns = band_keys if isinstance(band_keys, Sequence) else list(band_keys.T)
-    uf = UnionFind(len(columns[0]) if columns else 0)
+    n = len(columns[0]) if columns else 0
+    found = []
     for column in columns:
         order = np.argsort(column, kind="stable")
         ordered = column[order]
-        same = np.flatnonzero(ordered[1:] == ordered[:-1])
-        # Each run of equal keys is chained: order[i] with order[i + 1].
-        for i in same.tolist():
-            uf.union(int(order[i]), int(order[i + 1]))
-    return uf
+        for d in range(1, _WINDOW + 1):
+            at = np.flatnonzero(ordered[d:] == ordered[:-d])
+            if not len(at):  # no run longer than d, so none longer than d + 1 either
+                break
+            found.append(np.stack([order[at], order[at + d]], axis=1))
+        if len(at):  # some run is longer than _WINDOW: pair its far members with its first
+            first = np.r_[True, ordered[1:] != ordered[:-1]]
+            start = np.maximum.accumulate(np.where(first, np.arange(n), 0))
+            far = np.flatnonzero(np.arange(n) - start > _WINDOW)
+            found.append(np.stack([order[start[far]], order[far]], axis=1))
+    if not found:
+        return np.zeros((0, 2), dtype=np.int64)
+    pairs = np.sort(np.concatenate(found).astype(np.int64), axis=1)
+    code = np.unique(pairs[:, 0] * n + pairs[:, 1])
+    return np.stack([code // n, code % n], axis=1)
+
+
+def jaccard(a: np.ndarray, b: np.ndarray) -> float:
+    """|A & B| / |A | B| of two sorted arrays of distinct shingle hashes (two empty sets: 1)."""
+    if len(a) > len(b):
+        a, b = b, a
+    if not len(a):
+        return 0.0 if len(b) else 1.0
+    at = np.minimum(np.searchsorted(b, a), len(b) - 1)
+    common = int(np.count_nonzero(b[at] == a))
+    return common / (len(a) + len(b) - common)
+
+
+class ShingleStore:
+    """Shingle sets of selected documents, written once in increasing document order to an
+    anonymous temporary file in `directory` and read back memory-mapped: verification needs
+    random access to them, and holding them in memory would grow with the corpus."""
+
+    def __init__(self, directory: str | Path | None = None) -> None:
+        # Open for the store's whole life (closed, and so deleted, by `close()`).
+        self._file = tempfile.TemporaryFile(dir=directory)  # noqa: SIM115
+        self._docs: list[int] = []
+        self._ends: list[int] = []
+        self._size = 0
+        self._data: np.ndarray | None = None
+
+    def add(self, doc: int, shingles: np.ndarray) -> None:
+        self._file.write(np.ascontiguousarray(shingles, dtype=np.uint64).tobytes())
+        self._size += len(shingles)
+        self._docs.append(doc)
+        self._ends.append(self._size)
+
+    def freeze(self) -> None:
+        self._file.flush()
+        self.docs = np.asarray(self._docs, dtype=np.int64)
+        self.ends = np.asarray(self._ends, dtype=np.int64)
+        self._data = (
+            np.memmap(self._file, dtype=np.uint64, mode="r", shape=(self._size,))
+            if self._size
+            else np.zeros(0, dtype=np.uint64)
+        )
+
+    def __getitem__(self, doc: int) -> np.ndarray:
+        assert self._data is not None, "freeze() the store before reading it"
+        at = int(np.searchsorted(self.docs, doc))
+        if at == len(self.docs) or self.docs[at] != doc:
+            raise KeyError(f"document {doc} has no stored shingles")
+        start = int(self.ends[at - 1]) if at else 0
+        return self._data[start : int(self.ends[at])]
+
+    def close(self) -> None:
+        self._data = None
+        self._file.close()
+
+
+def duplicate_clusters(
+    band_keys: Sequence[np.ndarray] | np.ndarray,
+    *,
+    shingles: Callable[[np.ndarray], Iterable[tuple[int, np.ndarray]]] | None = None,
+    threshold: float = 0.85,
+    scratch: str | Path | None = None,
+) -> tuple[UnionFind, dict]:
+    """Union-find clusters over the LSH candidate pairs, and counts of what was checked.
+
+    With `shingles` (given ascending document indices, yields `(index, shingle hashes)` for each),
+    a pair is merged only if the exact Jaccard of the two shingle sets is >= `threshold`; a pair
+    already in one cluster is not checked again. Without it every candidate pair is merged."""
+    columns = band_keys if isinstance(band_keys, Sequence) else list(band_keys.T)
+    uf = UnionFind(len(columns[0]) if columns else 0)
+    pairs = candidate_pairs(columns)
+    summary = {"candidate_pairs": len(pairs), "checked_pairs": 0, "rejected_pairs": 0}
+    store = None
+    if shingles is not None and len(pairs):
+        store = ShingleStore(scratch)
+        for doc, sh in shingles(np.unique(pairs)):
+            store.add(doc, sh)
+        store.freeze()
+    try:
+        for block in range(0, len(pairs), 1 << 16):  # Python ints a block at a time
+            for a, b in pairs[block : block + (1 << 16)].tolist():
+                ra, rb = uf.find(a), uf.find(b)
+                if ra == rb:
+                    continue
+                if store is not None:
+                    summary["checked_pairs"] += 1
+                    if jaccard(store[a], store[b]) < threshold:
+                        summary["rejected_pairs"] += 1
+                        continue
+                uf.parent[max(ra, rb)] = min(ra, rb)
+    finally:
+        if store is not None:
+            store.close()
+    return uf, summary
 
 
 def near_duplicates(
-    texts: Sequence[str], *, n: int = 5, buckets: int = 14, rows: int = 8, unit: str = "word"
+    texts: Sequence[str],
+    *,
+    n: int = 5,
+    buckets: int = 14,
+    rows: int = 8,
+    unit: str = "word",
+    threshold: float | None = 0.85,
 ) -> np.ndarray:
-    """Boolean mask of documents to drop: all but the first of each near-duplicate cluster."""
+    """Boolean mask of documents to drop: all but the first of each near-duplicate cluster.
+    `threshold=None` merges every LSH candidate pair without checking its exact Jaccard."""
     hasher, minhasher = ShingleHasher(n, unit), MinHasher(buckets, rows)
     keys = minhasher.band_keys(minhasher.signatures([hasher(t) for t in texts]))
-    uf = duplicate_clusters(keys)
+
+    def shingles(docs: np.ndarray) -> Iterable[tuple[int, np.ndarray]]:
+        return ((i, hasher(texts[i])) for i in docs.tolist())
+
+    uf, _ = duplicate_clusters(
+        keys, shingles=None if threshold is None else shingles, threshold=threshold or 0.0
+    )
     return uf.roots() != np.arange(len(texts))

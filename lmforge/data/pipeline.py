@@ -79,6 +79,12 @@ class PipelineConfig:
         "skip", "malformed JSONL lines / records: count and skip them, or stop with an error"
     )
     max_chars: int = field_(0, "reject documents longer than this before any step (0: no limit)")
+    text_max_chars: int = field_(
+        1_000_000,
+        "a .txt/.md file longer than this (characters) is read as several documents, cut at "
+        "blank lines",
+        ge=1,
+    )
     rejects: bool = field_(True, "write removed documents with step and reason to rejects/")
     examples: int = field_(3, "removed examples kept per step in the stats", ge=0)
     workers: int = field_(1, "parallel worker processes over shards", ge=1)
@@ -179,12 +185,19 @@ def _read_shard(shard: str, config: PipelineConfig, counts: Counter) -> Iterator
     stats: dict = {}
     skip = config.on_bad_record == "skip"
     try:
-        yield from iter_documents(shard, text_key=config.text_key, skip_bad=skip, stats=stats)
+        yield from iter_documents(
+            shard,
+            text_key=config.text_key,
+            skip_bad=skip,
+            stats=stats,
+            text_max_chars=config.text_max_chars,
+        )
     except CorpusError as e:
         if stats.get("documents") != 0 or "is empty" not in str(e):
             raise
     counts["bad_records_skipped"] += stats.get("skipped_records", 0)
     counts["bad_files_skipped"] += stats.get("skipped_files", 0)
+    counts["text_files_split"] += stats.get("split_text_files", 0)
 
 
 def _read_jsonl(path: Path) -> Iterator[dict]:
@@ -358,8 +371,9 @@ class _Runner:
                     st["counts"][f"pii_{pii}"] += n
             elif kind == "LanguageFilter":
                 st["counts"][f"language_{d['meta']['language']}"] += 1
-            elif kind == "Mixture":  # realised shares per source, in characters
-                st["counts"][f"source_{step.group(str(d.get('source', '')))}"] += len(d["text"])
+            elif kind == "Mixture":  # realised sizes per source, in the unit of the targets
+                group = step.group(str(d.get("source", "")))
+                st["counts"][f"{step.counted_in}_{group}"] += step.size(d)
 
     def _reject(self, doc: dict, step: str, reason: str, st: dict, rejects: _Writer) -> None:
         st["reasons"][reason] += 1
@@ -377,7 +391,15 @@ class _Runner:
         for shard in range(len(self.shards)):
             with np.load(self.work(phase) / f"{shard:05d}.keys.npz") as z:
                 collected.append(dict(z))
-        decisions = step.decide(collected)
+        extra = {}
+        if "documents" in inspect.signature(step.decide).parameters:
+            # Near-duplicate verification reads the texts again: this phase's output holds them
+            # in the order the collector saw them.
+            extra = {
+                "documents": lambda j: (d["text"] for d in _read_jsonl(self.output_path(phase, j))),
+                "scratch": self.work(phase),
+            }
+        decisions = step.decide(collected, **extra)
         for shard, decision in enumerate(decisions):
             tmp = self.work(phase) / f"{shard:05d}.decision.tmp.npz"
             np.savez(tmp, **decision)

@@ -1,6 +1,7 @@
 """Read raw text files into corpus documents `{"text", "id", "source", "meta"}`, one file at a time.
 
-Supported: `.txt`/`.md` (one document per file), `.jsonl`/`.json` (one JSON object per line),
+Supported: `.txt`/`.md` (one document per file, streamed; a file longer than `text_max_chars`
+becomes consecutive documents, see `_text_pieces`), `.jsonl`/`.json` (one JSON object per line),
 `.parquet` (streamed by record batch), directories (recursive) and glob patterns.
 """
 
@@ -18,6 +19,10 @@ from lmforge.errors import CorpusError
 TEXT_SUFFIXES = {".txt", ".md"}
 JSON_SUFFIXES = {".jsonl", ".json"}
 SUFFIXES = TEXT_SUFFIXES | JSON_SUFFIXES | {".parquet"}
+# A text file is read 1 MiB at a time and never held whole: a document longer than this many
+# characters is cut (at a blank line, else a line break, where one is near) into several.
+TEXT_MAX_CHARS = 1_000_000
+_READ_BYTES = 1 << 20
 
 
 def iter_documents(
@@ -26,18 +31,30 @@ def iter_documents(
     text_key: str = "text",
     skip_bad: bool = False,
     stats: dict | None = None,
+    text_max_chars: int = TEXT_MAX_CHARS,
 ) -> Iterator[dict]:
     """Yield the non-empty documents of `paths` in a deterministic order.
 
     With `skip_bad`, undecodable files and malformed records are skipped and counted in `stats`
     (`skipped_files`, `skipped_paths`, `skipped_records`) instead of raising `CorpusError`.
+    A `.txt`/`.md` file longer than `text_max_chars` characters is split into documents of at
+    most that length (counted in `stats["split_text_files"]`).
     """
+    if text_max_chars < 1:
+        raise CorpusError(f"text_max_chars must be >= 1, got {text_max_chars}")
     stats = {} if stats is None else stats
-    stats.update(files=0, documents=0, skipped_files=0, skipped_paths=[], skipped_records=0)
+    stats.update(
+        files=0,
+        documents=0,
+        skipped_files=0,
+        skipped_paths=[],
+        skipped_records=0,
+        split_text_files=0,
+    )
     for file in resolve_files(paths):
         stats["files"] += 1
         try:
-            for doc in _read_file(file, text_key, skip_bad, stats):
+            for doc in _read_file(file, text_key, skip_bad, stats, text_max_chars):
                 if doc["text"]:
                     stats["documents"] += 1
                     yield doc
@@ -84,19 +101,18 @@ def _describe(paths: str | Path | Sequence[str | Path]) -> str:
     return str(paths) if isinstance(paths, (str, Path)) else ", ".join(map(str, paths))
 
 
-def _read_file(path: Path, text_key: str, skip_bad: bool, stats: dict) -> Iterator[dict]:
+def _read_file(
+    path: Path, text_key: str, skip_bad: bool, stats: dict, text_max_chars: int
+) -> Iterator[dict]:
     suffix = path.suffix.lower()
     if suffix in TEXT_SUFFIXES:
-        try:
-            text = path.read_bytes().decode("utf-8")
-        except UnicodeDecodeError as e:
-            raise _not_utf8(path, e.start) from None
-        yield {
-            "text": text.removeprefix("\ufeff"),
-            "id": str(path),
-            "source": str(path),
-            "meta": {},
-        }
+        # Validate first so that a bad file is rejected (or skipped) before any of it is yielded.
+        _check_utf8(path)
+        for number, text in enumerate(_text_pieces(path, text_max_chars)):
+            if number == 1:
+                stats["split_text_files"] += 1
+            name = str(path) if number == 0 else f"{path}#{number}"
+            yield {"text": text, "id": name, "source": str(path), "meta": {}}
         return
     if suffix in JSON_SUFFIXES:
         # Validate first so that a bad file is rejected (or skipped) before any of it is yielded.
@@ -132,6 +148,48 @@ def _check_utf8(path: Path) -> None:
             if not chunk:
                 return
             offset += len(chunk)
+
+
+def _text_pieces(path: Path, limit: int) -> Iterator[str]:
+    """The text of a UTF-8 file (already validated) in pieces of at most `limit` characters,
+    decoded 1 MiB at a time: memory is about `limit` characters plus one read, not the file.
+
+    Joined in order the pieces give back the file (without a leading byte-order mark); a file
+    within the limit is one piece, as before. Where a piece ends: see `_cut`."""
+    decoder = codecs.getincrementaldecoder("utf-8-sig")()
+    parts: list[str] = []
+    size = 0
+    with path.open("rb") as f:
+        while True:
+            data = f.read(_READ_BYTES)
+            text = decoder.decode(data, final=not data)
+            if text:
+                parts.append(text)
+                size += len(text)
+            if size > limit:
+                # Parts are joined only when a piece is due: no quadratic re-concatenation.
+                pending = "".join(parts)
+                while len(pending) > limit:
+                    yield pending[: (cut := _cut(pending, limit))]
+                    pending = pending[cut:]
+                parts, size = [pending], len(pending)
+            if not data:
+                break
+    if size:
+        yield "".join(parts)
+
+
+def _cut(text: str, limit: int) -> int:
+    """Where to end a piece of `text` (longer than `limit`): after the last blank line in the
+    second half of the first `limit` characters, else after the last line break there, else at
+    exactly `limit` (one huge line). The second half: no piece shorter than limit / 2 but the
+    last."""
+    half = limit // 2
+    at = text.rfind("\n\n", half, limit)
+    if at >= 0:
+        return at + 2
+    at = text.rfind("\n", half, limit)
+    return at + 1 if at >= 0 else limit
 
 
 def _not_utf8(path: Path, offset: int) -> CorpusError:

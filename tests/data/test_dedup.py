@@ -23,7 +23,10 @@ def run_global(step, shards: list[list[dict]]) -> list[list[dict]]:
         for d in shard:
             c.add(d)
         collected.append(c.result())
-    decisions = step.decide(collected)
+    if isinstance(step, MinHashDedup):  # verification reads each shard's texts again
+        decisions = step.decide(collected, documents=lambda j: (d["text"] for d in shards[j]))
+    else:
+        decisions = step.decide(collected)
     out = []
     for shard, decision in zip(shards, decisions):
         kept = []
@@ -70,6 +73,25 @@ def test_minhash_dedup_step_across_shards():
     assert [[d["id"] for d in s] for s in out] == [["1"], ["2"]]
 
 
+def test_minhash_dedup_step_verifies_candidates_across_shards():
+    # 184 words, 4 substitutions 20 words apart: 5-gram Jaccard (180 - 20) / (180 + 20) = 0.8,
+    # an LSH candidate at 14 x 8 but below the 0.85 threshold.
+    words = [f"w{i}" for i in range(184)]
+    near = list(words)
+    for j in range(4):
+        near[10 + 20 * j] = f"x{j}"
+    shards = [[doc(" ".join(words), "1")], [doc(" ".join(near), "2")]]
+    step = MinHashDedup()
+    assert [[d["id"] for d in s] for s in run_global(step, shards)] == [["1"], ["2"]]
+    assert step.plan == {"candidate_pairs": 1, "checked_pairs": 1, "rejected_pairs": 1}
+    unverified = MinHashDedup(verify=False)
+    assert [[d["id"] for d in s] for s in run_global(unverified, shards)] == [["1"], []]
+    with pytest.raises(ValueError, match="verification needs the documents"):
+        MinHashDedup().decide([{"keys": np.zeros((1, 14), np.uint64)}])
+    with pytest.raises(ValueError, match="threshold"):
+        MinHashDedup(threshold=1.5)
+
+
 def test_decontamination_cuts_13_gram_overlap_like_gpt3(tmp_path):
     question = "what is the boiling point of water at sea level in degrees celsius on a normal day"
     evalfile = tmp_path / "eval.jsonl"
@@ -109,3 +131,44 @@ def test_mixture_hits_target_proportions_with_epoch_caps():
     with pytest.raises(ValueError, match="no data for source"):
         run_global(Mixture(weights={"web": 1, "news": 1}), shards)
     assert np.isclose(sum(Mixture(weights={"x": 2, "y": 6}).weights.values()), 1)
+
+
+def test_mixture_counts_tokens_with_a_tokenizer_and_words_without(tmp_path):
+    import tokenizers
+
+    from lmforge.tokenizer import train_bpe
+
+    prose = "the cat sat on the mat and the dog sat on the log " * 20
+    train_bpe([prose] * 5, vocab_size=300).save(tmp_path / "tok")
+    # "web" is prose the tokenizer knows (few tokens per word); "code" is hex strings it does
+    # not (many tokens per word): the two units give different shares.
+    web = [doc(prose[: 40 + i], f"w{i}", "web") for i in range(50)]
+    code = [doc(" ".join(f"{i * 7919 + k:x}f9e" for k in range(8)), f"c{i}", "code")
+            for i in range(50)]  # fmt: skip
+    reference = tokenizers.Tokenizer.from_file(str(tmp_path / "tok" / "tokenizer.json"))
+    tokens = {name: sum(len(reference.encode(d["text"]).ids) for d in docs)
+              for name, docs in (("web", web), ("code", code))}  # fmt: skip
+    words = {name: sum(len(d["text"].split()) for d in docs)
+             for name, docs in (("web", web), ("code", code))}  # fmt: skip
+    assert tokens["code"] / words["code"] > 2 * tokens["web"] / words["web"]
+
+    by_tokens = Mixture(weights={"web": 1, "code": 1}, tokenizer=str(tmp_path / "tok"))
+    run_global(by_tokens, [web, code])
+    assert by_tokens.plan["unit"] == "tokens"
+    assert by_tokens.plan["available"] == tokens
+    # The file itself works too.
+    assert Mixture(weights={"web": 1}, tokenizer=str(tmp_path / "tok" / "tokenizer.json")).size(
+        web[0]
+    ) == len(reference.encode(web[0]["text"]).ids)
+
+    by_words = Mixture(weights={"web": 1, "code": 1})
+    run_global(by_words, [web, code])
+    assert by_words.plan["unit"] == "words" and by_words.plan["available"] == words
+
+    with pytest.raises(ValueError, match="tokenizer .*missing does not exist"):
+        Mixture(weights={"web": 1}, tokenizer=str(tmp_path / "missing"))
+    with pytest.raises(ValueError, match="a tokenizer counts tokens"):
+        Mixture(weights={"web": 1}, unit="documents", tokenizer=str(tmp_path / "tok"))
+    (tmp_path / "bad.json").write_text("{}")
+    with pytest.raises(ValueError, match="mixture: cannot load tokenizer"):
+        Mixture(weights={"web": 1}, tokenizer=str(tmp_path / "bad.json"))

@@ -10,6 +10,9 @@ from lmforge.data.minhash import (
     ShingleHasher,
     UnionFind,
     _mix,
+    candidate_pairs,
+    duplicate_clusters,
+    jaccard,
     near_duplicates,
     tokens,
 )
@@ -115,3 +118,83 @@ def test_huge_documents_are_hashed_in_slices_with_the_same_signature():
     h = MinHasher(chunk=256)
     x = docs[1] ^ h.seeds[3]
     assert sliced[1, 3] == _mix(x).min()
+
+
+def _spaced_variant(words: list[str], k: int, tag: str) -> list[str]:
+    # k substitutions at least 5 words apart: each removes 5 shingles and adds 5 new ones, so
+    # with M shingles the 5-gram Jaccard is (M - 5k) / (M + 5k) exactly.
+    out = list(words)
+    for j in range(k):
+        out[10 + 20 * j] = f"{tag}{j}"
+    return out
+
+
+def test_verification_merges_0_9_but_not_0_8_candidate_pairs():
+    # M = 180, k = 4: J = 160/200 = 0.80; M = 190, k = 2: J = 180/200 = 0.90.
+    a = [f"a{i}" for i in range(184)]
+    b = [f"b{i}" for i in range(194)]
+    docs = [
+        " ".join(a),
+        " ".join(_spaced_variant(a, 4, "x")),
+        " ".join(b),
+        " ".join(_spaced_variant(b, 2, "y")),
+        " ".join(f"c{i}" for i in range(150)),
+    ]
+    assert _jaccard(docs[0], docs[1]) == pytest.approx(0.80)  # brute force over 5-gram tuples
+    assert _jaccard(docs[2], docs[3]) == pytest.approx(0.90)
+    hasher, mh = ShingleHasher(5), MinHasher(14, 8)
+    shingles = [hasher(d) for d in docs]
+    assert jaccard(shingles[0], shingles[1]) == pytest.approx(0.80)
+    pairs = candidate_pairs(mh.band_keys(mh.signatures(shingles))).tolist()
+    assert [0, 1] in pairs and [2, 3] in pairs  # both are LSH candidates (P = 0.92 and 0.9997)
+    assert near_duplicates(docs).tolist() == [False, False, False, True, False]
+    assert near_duplicates(docs, threshold=None).tolist() == [False, True, False, True, False]
+    assert near_duplicates(docs, threshold=0.75).tolist() == [False, True, False, True, False]
+
+
+def test_exact_jaccard_matches_brute_force():
+    rng = np.random.default_rng(3)
+    for _ in range(50):
+        x = set(rng.integers(0, 60, rng.integers(0, 40)).tolist())
+        y = set(rng.integers(0, 60, rng.integers(0, 40)).tolist())
+        expected = len(x & y) / len(x | y) if x | y else 1.0
+        a, b = (np.array(sorted(s), dtype=np.uint64) for s in (x, y))
+        assert jaccard(a, b) == pytest.approx(expected)
+
+
+def _components(n: int, pairs) -> list[int]:
+    uf = UnionFind(n)
+    for a, b in pairs:
+        uf.union(int(a), int(b))
+    return uf.roots().tolist()
+
+
+def test_candidate_pairs_connect_what_shared_band_keys_connect():
+    # Few distinct keys: runs of up to ~20 documents, longer than the pairing window.
+    rng = np.random.default_rng(4)
+    n = 120
+    keys = rng.integers(0, 12, (n, 3)).astype(np.uint64)
+    keys[:, 1] += np.uint64(1000)  # make columns independent
+    keys[::2, 2] = np.arange(0, n, 2, dtype=np.uint64) + np.uint64(5000)  # half unique
+    brute = {(a, b) for a in range(n) for b in range(a + 1, n) if (keys[a] == keys[b]).any()}
+    pairs = candidate_pairs(keys)
+    assert {tuple(p) for p in pairs.tolist()} <= brute  # only true candidates, each once
+    assert len({tuple(p) for p in pairs.tolist()}) == len(pairs)
+    assert _components(n, pairs) == _components(n, brute)
+    # Runs of at most 5 (window 4 + the run's first member): exactly all pairs.
+    small = np.repeat(np.arange(30, dtype=np.uint64), 4)[:, None]
+    brute_small = {(a, b) for a in range(120) for b in range(a + 1, 120) if a // 4 == b // 4}
+    assert {tuple(p) for p in candidate_pairs(small).tolist()} == brute_small
+
+
+def test_verified_clusters_check_each_pair_once_and_count(tmp_path):
+    docs = [np.arange(i, i + 100, dtype=np.uint64) for i in (0, 0, 5, 60)]
+    keys = np.zeros((4, 2), dtype=np.uint64)  # every document a candidate of every other
+    uf, summary = duplicate_clusters(
+        keys, shingles=lambda ids: ((i, docs[i]) for i in ids.tolist()), scratch=tmp_path
+    )
+    # J(0,1) = 1, J(0,2) = 95/105 = 0.905, J(0,3) = 40/160: 3 stays alone.
+    assert uf.roots().tolist() == [0, 0, 0, 3]
+    assert summary["candidate_pairs"] == 6
+    assert summary["rejected_pairs"] == 3  # (0,3), (1,3), (2,3); (1,2) skipped: one cluster
+    assert summary["checked_pairs"] == 5

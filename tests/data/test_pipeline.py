@@ -195,3 +195,36 @@ def test_max_chars_rejects_huge_documents(tmp_path):
         PipelineConfig(input=[str(d)], output=str(tmp_path / "o"), steps=["pii"], max_chars=10_000)
     )
     assert stats["input"]["too_long"] == 1 and stats["output_documents"] == 1
+
+
+def test_minhash_verification_rereads_shards_in_the_pipeline(tmp_path):
+    # Across two input files: a copy at 5-gram Jaccard 0.8 (4 substitutions 20 words apart in 184
+    # words: 160/200) and one at 0.9 (2 in 194: 180/200). Both are LSH candidates at 14x8;
+    # verification re-reads the phase output and keeps the 0.8 copy.
+    a = [f"a{i}" for i in range(184)]
+    b = [f"b{i}" for i in range(194)]
+    a80, b90 = list(a), list(b)
+    for j in range(4):
+        a80[10 + 20 * j] = f"x{j}"
+    for j in range(2):
+        b90[10 + 20 * j] = f"y{j}"
+    root = tmp_path / "in"
+    root.mkdir()
+    for name, texts in (("p0", [a, b]), ("p1", [a80, b90])):
+        (root / f"{name}.jsonl").write_text(
+            "".join(
+                json.dumps({"text": " ".join(t), "id": f"{name}-{i}"}) + "\n"
+                for i, t in enumerate(texts)
+            )  # fmt: skip
+        )
+    for verify, kept in ((True, ["p0-0", "p0-1", "p1-0"]), (False, ["p0-0", "p0-1"])):
+        out = tmp_path / f"out{verify}"
+        config = PipelineConfig(
+            input=[str(root)], output=str(out), steps=[{"minhash_dedup": {"verify": verify}}]
+        )
+        stats = process(config)
+        docs = [json.loads(line) for text in _outputs(out).values() for line in text.splitlines()]
+        assert [d["id"] for d in docs] == kept
+        decision = stats["decisions"]["0:minhash_dedup"]
+        assert decision["candidate_pairs"] == 2
+        assert decision["rejected_pairs"] == (1 if verify else 0)

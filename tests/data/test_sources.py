@@ -1,10 +1,11 @@
 import json
+import tracemalloc
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from lmforge.data.sources import iter_documents
+from lmforge.data.sources import _cut, iter_documents
 from lmforge.errors import CorpusError
 
 
@@ -141,3 +142,51 @@ def test_missing_and_empty(tmp_path):
     (tmp_path / "data.csv").write_text("a,b", "utf-8")
     with pytest.raises(CorpusError, match="unsupported file type"):
         list(iter_documents(tmp_path / "data.csv"))
+
+
+def test_long_text_file_is_cut_at_blank_lines_into_capped_documents(tmp_path):
+    paras = [f"paragraph {i} " + "word " * (i % 7 + 3) for i in range(60)]
+    text = "\ufeff" + "\n\n".join(paras) + "\n"
+    path = tmp_path / "book.txt"
+    path.write_text(text, "utf-8")
+    stats = {}
+    docs = list(iter_documents(path, text_max_chars=200, stats=stats))
+    assert "".join(d["text"] for d in docs) == text[1:]  # nothing lost, the BOM dropped
+    assert all(len(d["text"]) <= 200 for d in docs) and len(docs) > 10
+    # Every piece but the last ends with a blank line, and is at least half the limit.
+    assert all(d["text"].endswith("\n\n") and len(d["text"]) >= 100 for d in docs[:-1])
+    assert [d["id"] for d in docs[:2]] == [str(path), f"{path}#1"]
+    assert {d["source"] for d in docs} == {str(path)} and stats["split_text_files"] == 1
+    # Within the limit: one document, as before.
+    assert [d["text"] for d in iter_documents(path, text_max_chars=len(text))] == [text[1:]]
+    with pytest.raises(CorpusError, match="text_max_chars must be >= 1"):
+        list(iter_documents(path, text_max_chars=0))
+
+
+def test_cut_prefers_blank_line_then_line_break_then_the_limit():
+    assert _cut("a" * 60 + "\n\n" + "b" * 20 + "\n" + "c" * 40, 100) == 62  # blank line
+    assert _cut("a" * 60 + "\n" + "b" * 60, 100) == 61  # no blank line: the line break
+    assert _cut("a\n\n" + "b" * 200, 100) == 100  # only a blank line in the first half: at 100
+    assert _cut("x" * 300, 100) == 100
+
+
+def test_huge_single_line_text_file_is_streamed_not_held(tmp_path):
+    # 24 MB on one line (multi-byte characters across read boundaries): peak Python memory while
+    # iterating stays a few times the 1M-character cap, not the file's size.
+    path = tmp_path / "one_line.txt"
+    unit = "abcdefghé数据" * 1000
+    with path.open("w", encoding="utf-8") as f:
+        for _ in range(1800):
+            f.write(unit)
+    size = path.stat().st_size
+    assert size > 20_000_000
+    tracemalloc.start()
+    n = chars = 0
+    for d in iter_documents(path):
+        n += 1
+        chars += len(d["text"])
+        assert len(d["text"]) <= 1_000_000
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert chars == len(unit) * 1800 and n == -(-chars // 1_000_000)
+    assert peak < 16_000_000, peak  # a 1M-character str of CJK text is 4 MB (UCS-4)
