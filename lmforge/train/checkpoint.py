@@ -41,26 +41,51 @@ def write_atomically(target: str | Path, write: Callable[[Path], None]) -> Path:
     tmp.mkdir()
     try:
         write(tmp)
-        _fsync_tree(tmp)
-        if target.exists():
-            old = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:8]}"
-            target.rename(old)
-            tmp.rename(target)
-            shutil.rmtree(old)
-        else:
-            tmp.rename(target)
+        commit_directory(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return target
 
 
-def model_state_dict(model: Transformer) -> dict[str, torch.Tensor]:
-    """Weights to save: tied output weights stored once (safetensors refuses shared storage)."""
-    sd = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+def commit_directory(tmp: Path, target: Path) -> None:
+    """Flush a completely written `tmp` to disk and rename it to `target` (replacing it)."""
+    _fsync_tree(tmp)
+    if target.exists():
+        old = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:8]}"
+        target.rename(old)
+        tmp.rename(target)
+        shutil.rmtree(old)
+    else:
+        tmp.rename(target)
+
+
+def model_state_dict(
+    model: Transformer, weights: dict[str, torch.Tensor] | None = None
+) -> dict[str, torch.Tensor]:
+    """Weights to save (`weights` if given, else the model's own): tied output weights stored
+    once (safetensors refuses shared storage)."""
+    source = model.state_dict() if weights is None else weights
+    sd = {k: v.detach().contiguous() for k, v in source.items()}
     if model.config.tie_embeddings:
         sd.pop("lm_head.weight", None)
     return sd
+
+
+def write_model_files(
+    directory: Path,
+    model: Transformer,
+    *,
+    tokenizer: Any = None,
+    weights: dict[str, torch.Tensor] | None = None,
+) -> None:
+    """config.yaml, model.safetensors and tokenizer.json of `model` into `directory`."""
+    (directory / CONFIG_FILE).write_text(yaml.safe_dump(to_dict(model.config), sort_keys=False))
+    save_file(
+        model_state_dict(model, weights), str(directory / WEIGHTS_FILE), metadata={"format": "pt"}
+    )
+    if tokenizer is not None:
+        tokenizer.save(directory)
 
 
 def save_model(
@@ -69,14 +94,13 @@ def save_model(
     *,
     tokenizer: Any = None,
     train_state: Callable[[Path], None] | None = None,
+    weights: dict[str, torch.Tensor] | None = None,
 ) -> Path:
-    """Write a checkpoint directory atomically; `train_state(dir)` may add resume state."""
+    """Write a checkpoint directory atomically; `train_state(dir)` may add resume state, and
+    `weights` replaces the model's state dict (e.g. one gathered from sharded ranks)."""
 
     def write(tmp: Path) -> None:
-        (tmp / CONFIG_FILE).write_text(yaml.safe_dump(to_dict(model.config), sort_keys=False))
-        save_file(model_state_dict(model), str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
-        if tokenizer is not None:
-            tokenizer.save(tmp)
+        write_model_files(tmp, model, tokenizer=tokenizer, weights=weights)
         if train_state is not None:
             (tmp / TRAIN_STATE_DIR).mkdir()
             train_state(tmp / TRAIN_STATE_DIR)

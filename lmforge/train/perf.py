@@ -39,3 +39,12 @@ def device_peak_flops(device: torch.device, dtype: torch.dtype) -> float:
             if key in name:
                 return peak
     return measure_matmul_peak(device, dtype)
+
+
+def peak_memory_bytes(device: torch.device) -> int:
+    """High-water mark of memory: allocated GPU memory, or the process's peak RSS on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB

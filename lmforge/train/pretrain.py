@@ -10,6 +10,7 @@ import torch
 from lmforge.config import field_, save_yaml
 from lmforge.errors import ConfigError
 from lmforge.model import ModelConfig, Transformer
+from lmforge.train import distributed
 from lmforge.train.trainer import TrainConfig, Trainer
 
 
@@ -25,6 +26,12 @@ class PretrainConfig:
     )
     init_from: str = field_("", "start from this checkpoint's weights instead of a random init")
     out: str = field_("runs/pretrain", "run directory (metrics, checkpoints, final model)")
+    nproc: int = field_(
+        1,
+        "processes on this machine (> 1: relaunch under torch's elastic agent, as torchrun "
+        "would; under torchrun itself the world size comes from torchrun)",
+        ge=1,
+    )
 
 
 def check_fit(model_config: ModelConfig, train: TrainConfig, vocab_size: int, source: str) -> None:
@@ -42,7 +49,30 @@ def check_fit(model_config: ModelConfig, train: TrainConfig, vocab_size: int, so
 
 
 def pretrain(config: PretrainConfig) -> dict:
-    """Build data, tokenizer and model from the config and train; returns the run summary."""
+    """Build data, tokenizer and model from the config and train; returns the run summary
+    (rank 0's when several processes train)."""
+    if config.nproc > 1 and not distributed.launched_by_torchrun():
+        return distributed.launch(config.nproc, _pretrain_process, config)
+    # Leave a process group that the caller set up alone; close the one joined here.
+    joined = distributed.launched_by_torchrun() and not torch.distributed.is_initialized()
+    env = distributed.init(config.train.device, config.train.dist_timeout_s)
+    try:
+        summary = _pretrain(config, env)
+    except BaseException:
+        if joined:
+            distributed.shutdown(clean=False)
+        raise
+    if joined:
+        distributed.shutdown()
+    return summary
+
+
+def _pretrain_process(config: PretrainConfig) -> dict:
+    """One rank of `lmforge pretrain --nproc N` (module level: the launcher pickles it)."""
+    return pretrain(config)
+
+
+def _pretrain(config: PretrainConfig, env: distributed.DistEnv) -> dict:
     from lmforge.data.shards import TokenShards
     from lmforge.loading import load
     from lmforge.tokenizer import Tokenizer
@@ -67,7 +97,8 @@ def pretrain(config: PretrainConfig) -> dict:
     else:
         model = Transformer(config.model)
     out = Path(config.out)
-    out.mkdir(parents=True, exist_ok=True)
-    save_yaml(config, out / "run.yaml")  # not config.yaml: that name marks a model dir
+    if env.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        save_yaml(config, out / "run.yaml")  # not config.yaml: that name marks a model dir
     trainer = Trainer(model, config.train, train_data, out, val_data=val_data, tokenizer=tokenizer)
     return trainer.fit()
