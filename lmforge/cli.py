@@ -14,8 +14,14 @@ from lmforge.errors import LmforgeError
 
 def _commands() -> dict[str, tuple[type, Callable[[Any], Any], str]]:
     from lmforge.adapt.sft import SFTConfig, sft
+    from lmforge.compress.commands import QuantizeConfig, quantize_command
+    from lmforge.compress.distill import DistillConfig, distill
+    from lmforge.compress.prune import PruneConfig, prune_command
     from lmforge.data.pipeline import PipelineConfig, process_command
     from lmforge.evaluation.harness import EvalConfig, eval_command
+    from lmforge.experiments import registry as runs
+    from lmforge.experiments.sweep import SweepConfig as SearchConfig
+    from lmforge.experiments.sweep import sweep_command as search_command
     from lmforge.run import RunConfig, run
     from lmforge.scaling.commands import (
         FitConfig,
@@ -51,12 +57,29 @@ def _commands() -> dict[str, tuple[type, Callable[[Any], Any], str]]:
         "pretrain": (PretrainConfig, pretrain, "pre-train a model on token shards"),
         "generate": (GenerateConfig, generate_text, "continue prompts with a model"),
         "chat": (ChatConfig, chat, "a chat REPL with a model"),
-        "convert": (ConvertConfig, convert, "convert lmforge <-> Hugging Face checkpoints"),
+        "convert": (
+            ConvertConfig,
+            convert,
+            "convert lmforge <-> Hugging Face checkpoints, or to GGUF",
+        ),
         "scaling sweep": (SweepConfig, sweep_command, "train a grid of runs, fit the scaling law"),
         "scaling fit": (FitConfig, fit_command, "fit the Chinchilla law to finished runs"),
         "plan": (PlanConfig, plan_command, "compute-optimal model and data size for a budget"),
         "eval": (EvalConfig, eval_command, "evaluate a model on tasks (results.json, samples)"),
         "sft": (SFTConfig, sft, "instruction-tune a model: full, LoRA, adapter, prefix, prompt"),
+        "sweep": (SearchConfig, search_command, "hyperparameter search over any command (Optuna)"),
+        "runs list": (runs.RunsListConfig, runs.list_command, "list and filter run directories"),
+        "runs compare": (runs.RunsCompareConfig, runs.compare_command, "config diff + metrics"),
+        "runs best": (runs.RunsBestConfig, runs.best_command, "path of the best run by a metric"),
+        "runs tag": (runs.RunsTagConfig, runs.tag_command, "add or remove tags of a run"),
+        "runs delete": (runs.RunsDeleteConfig, runs.delete_command, "delete run directories"),
+        "quantize": (
+            QuantizeConfig,
+            quantize_command,
+            "quantize a model: rtn|gptq|nf4|llm_int8|smoothquant",
+        ),
+        "prune": (PruneConfig, prune_command, "prune weights (magnitude) or heads/channels"),
+        "distill": (DistillConfig, distill, "distil a teacher into a smaller student"),
     }
 
 

@@ -1,0 +1,1 @@
+"""Experiment management: hyperparameter sweeps over any command, and the run registry."""
