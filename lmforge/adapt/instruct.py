@@ -18,11 +18,10 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from lmforge.errors import ConfigError, CorpusError, LmforgeError
-from lmforge.train.objectives import IGNORE_INDEX
+from lmforge.train.objectives import IGNORE_INDEX, output_loss
 
 Template = Literal["auto", "ins", "alpaca", "chatml", "chat", "plain"]
 ROLES = ("system", "user", "assistant")
@@ -464,9 +463,9 @@ def sft_loss(model: nn.Module, batch: dict) -> torch.Tensor:
         )
     mask = segment_mask(batch["segment_ids"]) if "segment_ids" in batch else None
     kwargs = {"position_ids": batch["position_ids"]} if "position_ids" in batch else {}
-    logits = forward_with_mask(model, batch["input_ids"], mask, **kwargs)
-    return F.cross_entropy(
-        logits.reshape(-1, logits.size(-1)).float(), y.reshape(-1), ignore_index=IGNORE_INDEX
+    # output_loss applies the output layer chunk by chunk where it can (no full fp32 logits).
+    return output_loss(
+        model, lambda **kw: forward_with_mask(model, batch["input_ids"], mask, **kwargs, **kw), y
     )
 
 

@@ -65,6 +65,12 @@ class PrefixConfig:
 
     n_tokens: int = field_(10, "prefix length", ge=1)
     hidden: int = field_(128, "width of the re-parameterisation MLP (dropped after training)", ge=1)
+    init: Literal["tokens", "zero"] = field_(
+        "tokens",
+        "start at the keys/values the base model computes for real tokens (Li & Liang 2021 "
+        "§7.2: init_text, else random vocabulary tokens) or at the MLP's near-zero output",
+    )
+    init_text: str = field_("", "text whose keys/values start the prefixes (init=tokens)")
 
 
 @dataclass
@@ -200,17 +206,25 @@ class LoRALayer(nn.Module):
         return self.scale * (self.B[name] @ self.A[name])
 
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        x = self.dropout(x)
-        pieces, at = [], 0
+        """y + s B A x for every slice at once. The slices share their input, so their A's
+        stacked make one product; their B's sit on the diagonal of one (out, slices * r) matrix
+        (zero rows where no slice is targeted), and one addmm applies it with the scale and the
+        residual add folded in: a handful of kernels per layer instead of several per slice."""
+        if self.training and self.dropout.p > 0:  # dropout at p = 0 would still copy x
+            x = self.dropout(x)
+        names = list(self.slices)
+        a = torch.cat([self.A[n] for n in names]) if len(names) > 1 else self.A[names[0]]
+        blocks, at = [], 0
         for name, (lo, hi) in self.slices.items():
             if lo > at:
-                pieces.append(y[..., at:lo])
-            delta = F.linear(F.linear(x, self.A[name]), self.B[name]) * self.scale
-            pieces.append(y[..., lo:hi] + delta)
+                blocks.append(y.new_zeros(lo - at, 0))
+            blocks.append(self.B[name])
             at = hi
         if at < y.shape[-1]:
-            pieces.append(y[..., at:])
-        return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=-1)
+            blocks.append(y.new_zeros(y.shape[-1] - at, 0))
+        b = torch.block_diag(*blocks) if len(blocks) > 1 else blocks[0]
+        xa = F.linear(x, a).reshape(-1, a.shape[0])
+        return torch.addmm(y.reshape(-1, y.shape[-1]), xa, b.t(), alpha=self.scale).view(y.shape)
 
 
 class LoRAAdapter(nn.Module):
@@ -326,10 +340,15 @@ class _PrefixKV:
 
 class PrefixAdapter(nn.Module):
     """Per-layer prefixes P_k, P_v of shape (kv_heads, n_tokens, head_dim). While training they
-    come from an MLP over a small embedding (Li & Liang 2021 §4.3: optimising P directly is
-    unstable); `drop_reparam` stores the MLP's output and deletes the MLP."""
+    are `start` plus an MLP over a small embedding (Li & Liang 2021 §4.3: optimising P directly
+    is unstable); `drop_reparam` stores the sum and deletes the MLP.
 
-    def __init__(self, model: nn.Module, cfg: PrefixConfig) -> None:
+    `start` holds the keys and values the base model itself computes for real tokens, with the
+    MLP's last layer at zero, so training starts from the model reading those tokens first. Li &
+    Liang (§7.2) found activations of real words a much better start than random vectors; from
+    near-zero prefixes SmolLM2-135M did not learn at all in 30 steps (docs/adapt.md)."""
+
+    def __init__(self, model: nn.Module, cfg: PrefixConfig, tokenizer: Any = None) -> None:
         super().__init__()
         c, like = model.config, model.embed.weight
         self.shape = (c.n_layers, 2, c.kv_heads, cfg.n_tokens, c.dim_head)
@@ -339,6 +358,12 @@ class PrefixAdapter(nn.Module):
         self.mlp = nn.Sequential(
             nn.Linear(c.d_model, cfg.hidden, **kw), nn.Tanh(), nn.Linear(cfg.hidden, n_out, **kw)
         )
+        self.register_buffer("start", torch.zeros(self.shape, **kw))
+        if cfg.init == "tokens":
+            ids = _init_ids(cfg.init_text, cfg.n_tokens, like.shape[0], tokenizer, "prefix")
+            self.start.copy_(_token_keys_values(model, ids))
+            nn.init.zeros_(self.mlp[2].weight)
+            nn.init.zeros_(self.mlp[2].bias)
         self.prefix: nn.Parameter | None = None
 
     def prefixes(self) -> torch.Tensor:
@@ -346,12 +371,12 @@ class PrefixAdapter(nn.Module):
             return self.prefix
         L, _, KV, P, D = self.shape
         out = self.mlp(self.embedding)  # (P, L * 2 * KV * D)
-        return out.view(P, L, 2, KV, D).permute(1, 2, 3, 0, 4)
+        return self.start + out.view(P, L, 2, KV, D).permute(1, 2, 3, 0, 4)
 
     @torch.no_grad()
     def drop_reparam(self) -> None:
         self.prefix = nn.Parameter(self.prefixes().detach().clone())
-        del self.mlp, self.embedding
+        del self.mlp, self.embedding, self.start
 
     def hooks(self, model: nn.Module, is_active) -> list:
         handles = []
@@ -378,6 +403,37 @@ class PrefixAdapter(nn.Module):
         return handles
 
 
+def _init_ids(text: str, n: int, vocab: int, tokenizer: Any, method: str) -> list[int]:
+    """n token ids to initialise from: `text` repeated to length n, else fixed random ids."""
+    if not text:
+        g = torch.Generator().manual_seed(0)
+        return torch.randint(0, vocab, (n,), generator=g).tolist()
+    if tokenizer is None:
+        raise ConfigError(f"{method} tuning from init_text needs the model's tokenizer")
+    ids = tokenizer.encode(text)
+    if not ids:
+        raise ConfigError(f"{method}.init_text encodes to no tokens")
+    return (ids * math.ceil(n / len(ids)))[:n]
+
+
+@torch.no_grad()
+def _token_keys_values(model: nn.Module, ids: list[int]) -> torch.Tensor:
+    """(n_layers, 2, kv_heads, len(ids), head_dim): the keys and values the plain base model
+    caches for `ids` (keys already rotated for positions 0..len-1; prefixes are used as stored)."""
+    state = _state(model)
+    active, state.active = state.active, None
+    was_training = model.training
+    model.eval()
+    try:
+        cache = model.new_cache(1, len(ids))
+        device = model.embed.weight.device
+        model(torch.tensor([ids], device=device), cache=cache)
+    finally:
+        state.active = active
+        model.train(was_training)
+    return torch.stack([cache.k[:, 0], cache.v[:, 0]], dim=1)
+
+
 # ---- prompt tuning ---------------------------------------------------------------------------
 class PromptAdapter(nn.Module):
     """n_tokens soft embeddings put before the input (virtual tokens); their outputs are cut
@@ -386,16 +442,7 @@ class PromptAdapter(nn.Module):
     def __init__(self, model: nn.Module, cfg: PromptConfig, tokenizer: Any = None) -> None:
         super().__init__()
         emb = model.embed.weight
-        if cfg.init_text:
-            if tokenizer is None:
-                raise ConfigError("prompt tuning from init_text needs the model's tokenizer")
-            ids = tokenizer.encode(cfg.init_text)
-            if not ids:
-                raise ConfigError("prompt.init_text encodes to no tokens")
-            ids = (ids * math.ceil(cfg.n_tokens / len(ids)))[: cfg.n_tokens]
-        else:
-            g = torch.Generator().manual_seed(0)
-            ids = torch.randint(0, emb.shape[0], (cfg.n_tokens,), generator=g).tolist()
+        ids = _init_ids(cfg.init_text, cfg.n_tokens, emb.shape[0], tokenizer, "prompt")
         self.init_ids = ids
         self.embedding = nn.Parameter(emb.detach()[torch.tensor(ids, device=emb.device)].clone())
         self._on = False
@@ -459,7 +506,7 @@ def add_adapter(
     elif config.method == "adapter":
         adapter = BottleneckAdapter(model, config.adapter)
     elif config.method == "prefix":
-        adapter = PrefixAdapter(model, config.prefix)
+        adapter = PrefixAdapter(model, config.prefix, tokenizer)
     elif config.method == "prompt":
         adapter = PromptAdapter(model, config.prompt, tokenizer)
     else:
@@ -614,7 +661,8 @@ def load_adapter(
             f"model {base_name or '(unnamed)'} (weights sha256 {here[:12]})"
         )
     config = from_dict(PeftConfig, meta["config"])
-    config.prompt.init_text = ""  # the saved embeddings replace any initialisation
+    # The saved weights replace any initialisation (and the tokenizer it would need).
+    config.prompt.init_text = config.prefix.init_text = ""
     adapter = add_adapter(model, config, name or meta["name"])
     if meta.get("reparam_dropped"):
         adapter.drop_reparam()

@@ -17,14 +17,33 @@ _ONEDNN_LINEAR = torch.backends.mkldnn.is_available() and hasattr(
 )
 
 
+class _FrozenLinear(torch.autograd.Function):
+    """x W^T + b for a frozen W and b (LoRA and the other PEFT methods train around them): the
+    forward and the input gradient run through oneDNN like inference does, about twice MKL's
+    speed on the CPU above, and only the weight is kept for backward (no activation is saved:
+    a frozen weight needs no weight gradient)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias):
+        ctx.save_for_backward(weight)
+        return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+
+    @staticmethod
+    def backward(ctx, grad):
+        (weight,) = ctx.saved_tensors
+        # dL/dx = g W: a linear with W^T as its (out, in) weight; oneDNN reads the transposed
+        # view in place, so no copy of W is made.
+        dx = torch.ops.mkldnn._linear_pointwise(grad.contiguous(), weight.t(), None, "none", [], "")
+        return dx, None, None
+
+
 class Linear(nn.Linear):
-    """nn.Linear (same parameters, same results up to fp32 rounding) that runs fp32 CPU inference
-    through oneDNN."""
+    """nn.Linear (same parameters, same results up to fp32 rounding) that runs fp32 CPU inference,
+    and training around a frozen weight, through oneDNN."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if (
             _ONEDNN_LINEAR
-            and not torch.is_grad_enabled()  # the oneDNN op has no backward
             and not torch.compiler.is_compiling()  # inductor picks its own kernels
             # Plain tensors only: subclasses (DTensor, quantized weights) bring their own matmul.
             and type(x) is torch.Tensor
@@ -32,7 +51,13 @@ class Linear(nn.Linear):
             and x.device.type == "cpu"
             and x.dtype == self.weight.dtype == torch.float32
         ):
-            return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
+            frozen = not self.weight.requires_grad and (
+                self.bias is None or not self.bias.requires_grad
+            )
+            if not torch.is_grad_enabled() or (frozen and not x.requires_grad):
+                return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
+            if frozen:  # the oneDNN op has no backward of its own
+                return _FrozenLinear.apply(x, self.weight, self.bias)
         return F.linear(x, self.weight, self.bias)
 
 

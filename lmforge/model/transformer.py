@@ -78,6 +78,7 @@ class Transformer(nn.Module):
         cache: KVCache | SlotBatch | None = None,
         logits_to_keep: int = 0,
         return_hidden: bool = False,
+        hidden_only: bool = False,
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Logits for `input_ids` (B, T).
 
@@ -86,6 +87,8 @@ class Transformer(nn.Module):
         SlotBatch, whose rows each have their own length (it supplies positions and the mask).
         logits_to_keep: if > 0, compute logits for the last n positions only (generation).
         return_hidden: also return the final normalized hidden states (B, T, d_model).
+        hidden_only: return those hidden states alone and skip the output layer (for a loss that
+        applies it chunk by chunk: lmforge.train.objectives.linear_cross_entropy).
         """
         B, T = input_ids.shape
         past = cache.length if cache is not None else 0
@@ -119,6 +122,8 @@ class Transformer(nn.Module):
         if cache is not None:
             cache.advance(T)
         h = self.norm(x)
+        if hidden_only:
+            return h
         logits = self.lm_head(h[:, -logits_to_keep:] if logits_to_keep else h)
         return (logits, h) if return_hidden else logits
 

@@ -11,6 +11,7 @@ from lmforge.adapt.peft import (
     PeftConfig,
     PrefixConfig,
     PromptConfig,
+    _init_ids,
     add_adapter,
     disabled_adapters,
     load_adapter,
@@ -190,3 +191,56 @@ def test_adapters_save_load_and_switch(model, make_model, tmp_path):
 def test_lora_target_matching_nothing_lists_modules(model):
     with pytest.raises(ConfigError, match=r"'q_lin' matches no module.*attn\.q.*mlp\.w_out"):
         add_adapter(model, PeftConfig(method="lora", lora=LoRAConfig(targets=["q_lin"])))
+
+
+def test_prefix_starts_as_the_base_model_reading_real_tokens(make_model):
+    # init="tokens" (the default): the prefixes are the keys/values the base model caches for
+    # fixed random tokens, so the adapted model equals the base model continuing from that cache
+    # (positions of the input restarting at 0, as under prefix tuning).
+    m = make_model(3)
+    adapter = add_adapter(m, PeftConfig(method="prefix", prefix=PrefixConfig(n_tokens=3)))
+    x = torch.randint(0, 384, (1, 6))
+    with torch.no_grad():
+        got = m(x)
+        with disabled_adapters(m):
+            cache = m.new_cache(1)
+            m(torch.tensor([_init_ids("", 3, 384, None, "prefix")]), cache=cache)
+            ref = m(x, cache=cache, position_ids=torch.arange(6)[None])
+    torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
+    assert adapter.start.abs().max() > 0.1  # not the near-zero start of init="zero"
+    zero = make_model(3)
+    add_adapter(zero, PeftConfig(method="prefix", prefix=PrefixConfig(n_tokens=3, init="zero")))
+    assert zero.peft.adapters["default"].start.abs().max() == 0
+
+
+def test_prefix_init_text_needs_the_tokenizer(model, tokenizer):
+    cfg = PeftConfig(method="prefix", prefix=PrefixConfig(n_tokens=4, init_text="Answer:"))
+    with pytest.raises(ConfigError, match="prefix tuning from init_text needs the model's tok"):
+        add_adapter(model, cfg)
+    adapter = add_adapter(model, cfg, tokenizer=tokenizer)
+    ids = tokenizer.encode("Answer:")
+    with torch.no_grad(), disabled_adapters(model):
+        cache = model.new_cache(1)
+        model(torch.tensor([(ids * 4)[:4]]), cache=cache)
+    torch.testing.assert_close(adapter.start[:, 0], cache.k[:, 0, :, :4])
+
+
+def test_lora_fused_slices_match_per_slice_formula_with_gradients(model):
+    # q and v targeted, k (between them) not: one stacked A, block-diagonal B with zero k rows.
+    model.train()
+    adapter = _nonzero_lora(model, LoRAConfig(r=3, alpha=6, targets=["q", "v"]))
+    layer = adapter.layers["blocks/1/attn/qkv"]
+    qkv = model.blocks[1].attn.qkv
+    x = torch.randn(2, 5, 32, requires_grad=True)
+    g = torch.randn(2, 5, 64)
+    params = [x, layer.A["q"], layer.B["q"], layer.A["v"], layer.B["v"]]
+    got = torch.autograd.grad(qkv(x), params, g)
+    base = torch.nn.functional.linear(x, qkv.weight)
+    parts = [
+        base[..., :32] + 2.0 * x @ layer.A["q"].T @ layer.B["q"].T,
+        base[..., 32:48],
+        base[..., 48:] + 2.0 * x @ layer.A["v"].T @ layer.B["v"].T,
+    ]
+    want = torch.autograd.grad(torch.cat(parts, -1), params, g)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
