@@ -15,7 +15,13 @@ from conftest import tiny_pretrain_args
 
 from lmforge.config import from_dict
 from lmforge.errors import ConfigError
-from lmforge.experiments.sweep import Sweep, SweepConfig, read_metric, sweep_command
+from lmforge.experiments.sweep import (
+    Sweep,
+    SweepConfig,
+    available_metrics,
+    read_metric,
+    sweep_command,
+)
 
 
 def spec(tmp_path, shards, **kw) -> SweepConfig:
@@ -132,3 +138,21 @@ def test_bad_specs_fail_before_any_trial(tmp_path, shards):
     with pytest.raises(ConfigError, match=r"divisible by n_heads \(3\)"):
         Sweep(spec(tmp_path, shards, space={"model.n_heads": {"choice": [2, 3]}}))
     assert not (tmp_path / "sw" / "trials").exists()
+
+
+def test_read_metric_from_metrics_and_result_files(tmp_path):
+    lines = [{"step": 1, "loss": 3.0}, {"step": 2, "loss": 2.0, "val_loss": 2.5}, {"step": 3}]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+    (tmp_path / "sft.json").write_text(json.dumps({"after": {"exact_match": 0.25}, "n": "x"}))
+    assert read_metric(tmp_path, "loss") == 2.0  # the last value written
+    assert read_metric(tmp_path, "val_loss") == 2.5
+    assert read_metric(tmp_path, "sft.json:after.exact_match") == 0.25
+    assert read_metric(tmp_path, "sft.json:n") is None  # not a number
+    assert read_metric(tmp_path, "missing.json:a") is None
+    assert read_metric(tmp_path, "accuracy") is None
+    assert set(available_metrics(tmp_path)) == {
+        "step",
+        "loss",
+        "val_loss",
+        "sft.json:after.exact_match",
+    }
