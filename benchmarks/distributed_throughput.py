@@ -1,9 +1,10 @@
-"""Parallel training on CPU: 1 process vs 2 processes (DDP, FSDP2, TP) on the same 2 cores.
+"""Parallel training on CPU: 1 process vs 2 processes (DDP, ZeRO-1, FSDP2, TP, PP) on 2 cores.
 
 Same model, global batch and data in every configuration; each runs under torch's elastic agent
 (what torchrun runs). Prints tokens/s over all ranks, the ratio to one process, and per rank the
-bytes of parameters + gradients + optimizer state it holds (FSDP2 shards them, DDP replicates)
-and its peak RSS.
+bytes of parameters + gradients + optimizer state it holds (FSDP2 shards all three, ZeRO-1 the
+optimizer state, a pipeline stage has gradients and optimizer state of its blocks only, DDP
+replicates everything) and its peak RSS.
 
     python benchmarks/distributed_throughput.py [--steps 6] [--d-model 256] [--layers 4]
 """
@@ -41,7 +42,9 @@ def local_bytes(tensors) -> int:
     return total
 
 
-def worker(parallel: str, threads: int, steps: int, d_model: int, layers: int) -> dict:
+def worker(
+    parallel: str, threads: int, steps: int, d_model: int, layers: int, zero1: bool = False
+) -> dict:
     torch.set_num_threads(threads)
     env = distributed.init("cpu", timeout_s=600)
     torch.manual_seed(0)
@@ -55,7 +58,7 @@ def worker(parallel: str, threads: int, steps: int, d_model: int, layers: int) -
         steps=steps + 2,
         batch_size=GLOBAL_BATCH if parallel == "tp" else GLOBAL_BATCH // env.world_size,
         global_batch_size=GLOBAL_BATCH, seq_len=SEQ, warmup_steps=1, device="cpu",
-        parallel=parallel,
+        parallel=parallel, zero1=zero1,
     )  # fmt: skip
     with tempfile.TemporaryDirectory() as out:
         trainer = Trainer(model, config, RandomTokens(), out)
@@ -67,9 +70,12 @@ def worker(parallel: str, threads: int, steps: int, d_model: int, layers: int) -
             trainer.train_step()
         distributed.barrier(env)
         seconds = time.perf_counter() - start
-        states = [v for s in trainer.optimizer.state.values() for v in s.values()]
+        # ZeRO-1 keeps this rank's share in an inner optimizer; a pipeline stage trains its part.
+        optimizer = getattr(trainer.optimizer, "optim", trainer.optimizer)
+        trained = trainer.pipeline.stage if trainer.pipeline is not None else model
+        states = [v for s in optimizer.state.values() for v in s.values()]
         held = local_bytes(list(model.parameters()) + states)
-        held += local_bytes(p for p in model.parameters())  # gradients: same size as weights
+        held += local_bytes(trained.parameters())  # gradients: the size of the trained weights
         result = {
             "tokens_per_s": steps * GLOBAL_BATCH * SEQ / seconds,
             "state_mb": held / 2**20,
@@ -93,11 +99,13 @@ def main() -> None:
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     cores = os.cpu_count()
     runs = [
-        ("1 process x 1 thread", 1, "ddp", 1),
-        (f"1 process x {cores} threads", 1, "ddp", cores),
-        ("2 processes DDP x 1 thread", 2, "ddp", 1),
-        ("2 processes FSDP2 x 1 thread", 2, "fsdp", 1),
-        ("2 processes tensor parallel x 1 thread", 2, "tp", 1),
+        ("1 process x 1 thread", 1, "ddp", 1, False),
+        (f"1 process x {cores} threads", 1, "ddp", cores, False),
+        ("2 processes DDP x 1 thread", 2, "ddp", 1, False),
+        ("2 processes DDP + ZeRO-1 x 1 thread", 2, "ddp", 1, True),
+        ("2 processes FSDP2 x 1 thread", 2, "fsdp", 1, False),
+        ("2 processes tensor parallel x 1 thread", 2, "tp", 1, False),
+        ("2 processes pipeline (2 stages, 1F1B) x 1 thread", 2, "pp", 1, False),
     ]
     print(f"load before: {os.getloadavg()}")
     base = None
@@ -105,9 +113,9 @@ def main() -> None:
         "| configuration | tokens/s | vs 1x1 | weights+grads+optimizer per rank | peak RSS per rank |"
     )
     print("|---|---:|---:|---:|---:|")
-    for name, nproc, parallel, threads in runs:
+    for name, nproc, parallel, threads, zero1 in runs:
         ranks = distributed.launch(
-            nproc, worker, parallel, threads, args.steps, args.d_model, args.layers
+            nproc, worker, parallel, threads, args.steps, args.d_model, args.layers, zero1
         )
         rate = ranks[0]["tokens_per_s"]
         base = base or rate

@@ -146,6 +146,25 @@ def parallelize(
     raise ConfigError(f"train.parallel: unknown mode {mode!r} (none, ddp, fsdp)")
 
 
+def shard_optimizer_state(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
+    """ZeRO-1 (Rajbhandari et al. 2020, stage 1) for DDP: the same optimizer, its parameter
+    groups and settings, but each rank keeps the state of (and updates) only its share of the
+    parameters, then broadcasts them; the weights and gradients stay replicated."""
+    import inspect
+
+    from torch.distributed.optim import ZeroRedundancyOptimizer
+
+    # `defaults` may hold derived settings the constructor does not take (AdamW's
+    # decoupled_weight_decay): pass on only its own arguments.
+    accepted = inspect.signature(type(optimizer).__init__).parameters
+    settings = {k: v for k, v in optimizer.defaults.items() if k in accepted}
+    return ZeroRedundancyOptimizer(
+        [dict(group) for group in optimizer.param_groups],
+        optimizer_class=type(optimizer),
+        **settings,
+    )
+
+
 def gradient_sync(forward_model: nn.Module, sync: bool) -> contextlib.AbstractContextManager:
     """Skip the gradient all-reduce on accumulation micro-batches that are not the last one."""
     if isinstance(forward_model, nn.parallel.DistributedDataParallel) and not sync:

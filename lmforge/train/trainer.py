@@ -8,6 +8,7 @@ a later stage wrap the model (DDP/FSDP) or switch objectives without touching th
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 import shutil
@@ -25,7 +26,7 @@ from tqdm import tqdm
 
 from lmforge.config import field_
 from lmforge.errors import CheckpointError, ConfigError
-from lmforge.train import distributed
+from lmforge.train import distributed, loggers
 from lmforge.train.checkpoint import (
     TRAIN_STATE_DIR,
     commit_directory,
@@ -40,6 +41,8 @@ from lmforge.train.perf import device_peak_flops, peak_memory_bytes
 from lmforge.train.recompute import apply_recomputation
 from lmforge.train.stability import SpikeDetector, TrainingDivergedError, ZLoss
 from lmforge.train.tensor_parallel import apply_tensor_parallel, reorder_state_dict
+
+ZERO1_STATE = "optimizer_zero1.pt"  # ZeRO-1's consolidated optimizer state, in TRAIN_STATE_DIR
 
 
 @dataclass
@@ -95,16 +98,24 @@ class TrainConfig:
     )
     spike_skip_batches: int = field_(200, "on a spike, then skip this many data batches", ge=0)
     max_spike_restarts: int = field_(5, "stop with an error after this many rollbacks", ge=0)
-    precision: Literal["fp32", "bf16"] = field_("fp32", "bf16 autocast (GPUs) or plain fp32")
+    precision: Literal["fp32", "bf16", "fp16"] = field_(
+        "fp32",
+        "bf16 autocast (GPUs), fp16 autocast with dynamic loss scaling (GPUs without bf16), or "
+        "plain fp32",
+    )
     compile: bool = field_(False, "torch.compile the model")
     recompute: Literal["none", "full", "selective"] = field_(
         "none", "activation recomputation: every block (full) or every k-th (selective)"
     )
     recompute_every: int = field_(2, "selective recomputation: every k-th block", ge=1)
-    parallel: Literal["ddp", "fsdp", "tp"] = field_(
+    parallel: Literal["ddp", "fsdp", "tp", "pp"] = field_(
         "ddp",
-        "with several processes: DDP, FSDP2 (ZeRO-3) sharding, or tensor parallel (every rank "
-        "holds a slice of each block's heads and MLP; all ranks read the same data)",
+        "with several processes: DDP, FSDP2 (ZeRO-3) sharding, tensor parallel (every rank "
+        "holds a slice of each block's heads and MLP) or pipeline parallel (every rank is one "
+        "stage of n_layers/world blocks, 1F1B schedule); tp and pp ranks read the same data",
+    )
+    zero1: bool = field_(
+        False, "DDP: shard the optimizer state across ranks (ZeRO-1, ZeroRedundancyOptimizer)"
     )
     fsdp_replicate: int = field_(
         1, "FSDP2: replica groups (> 1: hybrid sharding within groups of world/N ranks)", ge=1
@@ -122,6 +133,12 @@ class TrainConfig:
     resume: bool = field_(True, "continue from the run directory's latest checkpoint if any")
     time_limit_s: float = field_(
         0.0, "stop (evaluate, save) once training has taken this many seconds (0: no limit)", ge=0
+    )
+    log_tensorboard: bool = field_(
+        False, "also log the metrics to TensorBoard (out/tensorboard; needs `tensorboard`)"
+    )
+    log_wandb: bool = field_(
+        False, "also log the metrics to Weights & Biases (needs `wandb`; WANDB_MODE=offline works)"
     )
 
     def validate(self) -> None:
@@ -213,10 +230,14 @@ class Trainer:
         self.out_dir = Path(out_dir)
         c = config
         self.env = distributed.current()
-        # Tensor parallel ranks share one data stream; otherwise every rank is a data replica.
+        # Tensor and pipeline parallel ranks share one data stream; otherwise every rank is a
+        # data replica.
         self.tensor_parallel = self.env.world_size if wrap is None and c.parallel == "tp" else 1
-        self.data_rank = self.env.rank // self.tensor_parallel
-        self.data_ranks = self.env.world_size // self.tensor_parallel
+        pipelined = wrap is None and self.env.active and c.parallel == "pp"
+        self.pipeline_stages = self.env.world_size if pipelined else 1
+        self.model_parallel = self.tensor_parallel * self.pipeline_stages
+        self.data_rank = self.env.rank // self.model_parallel
+        self.data_ranks = self.env.world_size // self.model_parallel
         # Checked before any wrapper: a bad world size fails on every rank alike, before the
         # first collective.
         self.micro_batches = distributed.micro_batches_per_rank(
@@ -231,8 +252,28 @@ class Trainer:
                 "train.optimizer=adamw8bit quantizes whole tensors and cannot run on FSDP2 or "
                 "tensor-parallel shards; use train.parallel=ddp or another optimizer"
             )
+        if c.precision == "fp16" and (self.sharded or self.tensor_parallel > 1):
+            raise ConfigError(
+                "train.precision=fp16 scales gradients that FSDP2 and tensor parallel split "
+                "across ranks, where each rank's overflow check would see only its shard; use "
+                "bf16 there (or fp16 with train.parallel=ddp)"
+            )
+        self.zero1 = c.zero1 and wrap is None and self.env.active
+        if self.zero1 and c.parallel != "ddp":
+            raise ConfigError(
+                f"train.zero1 shards the optimizer state of DDP; train.parallel={c.parallel} "
+                "already shards (fsdp) or splits (tp, pp) it: turn zero1 off"
+            )
+        self.pipeline = None
+        if pipelined:
+            self._check_pipeline_options()
         if wrap is not None:
             self.forward_model = wrap(self.model)
+        elif pipelined:
+            from lmforge.train.pipeline import Pipeline
+
+            self.pipeline = Pipeline(self.model, self.device, self.micro_batches)
+            self.forward_model = self.model
         elif self.tensor_parallel > 1:
             from torch.distributed.device_mesh import init_device_mesh
 
@@ -255,13 +296,15 @@ class Trainer:
         self._compile_checked = not c.compile
         self.optimizer = make_optimizer(
             c.optimizer,
-            self.model,
+            self.pipeline.stage if self.pipeline else self.model,  # a stage trains its own part
             lr=c.lr,
             weight_decay=c.weight_decay,
             betas=c.betas,
             eps=c.eps,
             per_tensor=self.tensor_parallel > 1,
         )
+        if self.zero1:
+            self.optimizer = distributed.shard_optimizer_state(self.optimizer)
         self.tokens_per_batch = tokens_per_batch or (lambda b: b[0].numel())
         self.step = 0
         self.tokens_seen = 0
@@ -272,13 +315,34 @@ class Trainer:
         self.spike_restarts = 0
         self.spikes = SpikeDetector(c.spike_factor, c.spike_window)
         self.last_step_skipped: str | None = None
-        self.autocast_dtype = torch.bfloat16 if c.precision == "bf16" else None
+        self.autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(c.precision)
+        # fp16's 5-bit exponent underflows small gradients: scale the loss up before backward
+        # and the gradients down before the update, the scale found dynamically (Micikevicius
+        # et al. 2018, "Mixed precision training"). bf16 has fp32's range and needs none.
+        self.scaler = torch.amp.GradScaler(self.device.type) if c.precision == "fp16" else None
+        self.overflow_steps = 0
         self.peak_flops: float | None = None
+        loggers.check_available(c.log_tensorboard, c.log_wandb)  # on every rank: fail alike
+        self.sinks: loggers.MetricSinks | None = None
 
     # ---- checkpoints -------------------------------------------------------------------------
     @property
     def ckpt_dir(self) -> Path:
         return self.out_dir / "checkpoints"
+
+    @property
+    def _trained(self) -> nn.Module:
+        """The module whose parameters this rank's optimizer updates (a pipeline stage names
+        them as the model does)."""
+        return self.pipeline.stage if self.pipeline is not None else self.model
+
+    def _optimizer_options(self):
+        """Pipeline stages hold different parameters: key the optimizer state and the groups'
+        settings by parameter name (flattened), not by group index, which
+        torch.distributed.checkpoint would take for the same entry on every rank."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+        return StateDictOptions(flatten_optimizer_state_dict=self.pipeline is not None)
 
     def _trainable_names(self) -> list[str]:
         return [n for n, p in self.model.named_parameters() if p.requires_grad]
@@ -286,6 +350,9 @@ class Trainer:
     def _full_weights(self) -> dict[str, torch.Tensor] | None:
         """The whole model's weights on rank 0 (gathered from FSDP2 or tensor-parallel shards,
         in the checkpoint's row order)."""
+        if self.pipeline is not None:  # rank 0's full model gets every stage's weights
+            self.pipeline.sync_weights()
+            return None
         if not (self.sharded or self.tensor_parallel > 1):
             return None
         from torch.distributed.checkpoint.state_dict import (
@@ -314,13 +381,22 @@ class Trainer:
             (tmp / TRAIN_STATE_DIR).mkdir(parents=True)
         distributed.barrier(env)
         state = tmp / TRAIN_STATE_DIR
-        optimizer_state = get_optimizer_state_dict(self.model, self.optimizer)
-        with _single_process_dcp():
-            dcp.save(
-                {"optimizer": optimizer_state},
-                checkpoint_id=state / "optimizer",
-                no_dist=not env.active,
+        if self.zero1:
+            # ZeRO-1 gathers its shards on rank 0 into one plain optimizer state, which any
+            # world size can load (each rank then keeps its own partition).
+            self.optimizer.consolidate_state_dict(to=0)
+            if env.is_main:
+                torch.save(self.optimizer.state_dict(), state / ZERO1_STATE)
+        else:
+            optimizer_state = get_optimizer_state_dict(
+                self._trained, self.optimizer, options=self._optimizer_options()
             )
+            with _single_process_dcp():
+                dcp.save(
+                    {"optimizer": optimizer_state},
+                    checkpoint_id=state / "optimizer",
+                    no_dist=not env.active,
+                )
         rng = {"torch": torch.get_rng_state()}
         if self.device.type == "cuda":
             rng["cuda"] = torch.cuda.get_rng_state(self.device)
@@ -337,6 +413,9 @@ class Trainer:
                 "trainable": self._trainable_names(),
                 "world_size": env.world_size,
                 "tensor_parallel": self.tensor_parallel,
+                "pipeline_stages": self.pipeline_stages,
+                "zero1": self.zero1,
+                "grad_scaler": self.scaler.state_dict() if self.scaler is not None else None,
             }
             (state / "progress.json").write_text(json.dumps(progress))
         distributed.barrier(env)  # every rank's files are in tmp before it is committed
@@ -378,7 +457,7 @@ class Trainer:
                 "(use a new --out directory or --train.resume=false)"
             )
         state = path / TRAIN_STATE_DIR
-        if not (state / "optimizer").is_dir():
+        if not ((state / "optimizer").is_dir() or (state / ZERO1_STATE).is_file()):
             raise CheckpointError(
                 f"cannot resume from {path}: it has no {TRAIN_STATE_DIR}/optimizer (a checkpoint "
                 "of an older lmforge, or an incomplete one); use a new --out directory or "
@@ -402,6 +481,19 @@ class Trainer:
                 f"vs {len(mine['trainable'])} tensors); use a new --out directory or "
                 "--train.resume=false"
             )
+        if progress.get("zero1", False) != self.zero1:
+            raise CheckpointError(
+                f"cannot resume from {path}: its optimizer state was saved with train.zero1="
+                f"{progress.get('zero1', False)}, this run has {self.zero1}; resume with the same "
+                "setting, or start a new --out from its model (--init_from)"
+            )
+        saved_pp = progress.get("pipeline_stages", 1)
+        if saved_pp != self.pipeline_stages:
+            raise CheckpointError(
+                f"cannot resume from {path}: its optimizer state is split into {saved_pp} "
+                f"pipeline stages, this run has {self.pipeline_stages}; resume with the same "
+                "world size, or start a new --out from its model (--init_from)"
+            )
         saved_tp = progress.get("tensor_parallel", 1)
         if saved_tp != self.tensor_parallel:
             raise CheckpointError(
@@ -419,17 +511,28 @@ class Trainer:
             set_model_state_dict(self.model, weights, options=options)
         else:
             self.model.load_state_dict(weights)
-        optimizer_state = get_optimizer_state_dict(self.model, self.optimizer)
-        try:
-            with _single_process_dcp():
-                dcp.load(
-                    {"optimizer": optimizer_state},
-                    checkpoint_id=state / "optimizer",
-                    no_dist=not self.env.active,
-                )
-        except Exception as e:  # DCP wraps reader errors in its own exception types
-            raise CheckpointError(f"cannot resume: {state}/optimizer is unreadable: {e}") from None
-        set_optimizer_state_dict(self.model, self.optimizer, optimizer_state)
+        if self.zero1:
+            self.optimizer.load_state_dict(torch.load(state / ZERO1_STATE, weights_only=True))
+        else:
+            optimizer_state = get_optimizer_state_dict(
+                self._trained, self.optimizer, options=self._optimizer_options()
+            )
+            try:
+                with _single_process_dcp():
+                    dcp.load(
+                        {"optimizer": optimizer_state},
+                        checkpoint_id=state / "optimizer",
+                        no_dist=not self.env.active,
+                    )
+            except Exception as e:  # DCP wraps reader errors in its own exception types
+                raise CheckpointError(
+                    f"cannot resume: {state}/optimizer is unreadable: {e}"
+                ) from None
+            set_optimizer_state_dict(
+                self._trained, self.optimizer, optimizer_state, options=self._optimizer_options()
+            )
+        if self.scaler is not None and progress.get("grad_scaler"):
+            self.scaler.load_state_dict(progress["grad_scaler"])
         rng_file = state / f"rng_rank{self.env.rank}.pt"
         if rng_file.is_file():
             rng = torch.load(rng_file, weights_only=True)
@@ -478,7 +581,10 @@ class Trainer:
     def evaluate(self) -> float:
         """Mean validation loss over the first `eval_batches` sequential windows (eager: a
         compiled graph for evaluation would cost another compilation). Every rank evaluates
-        the same windows (FSDP2 needs all ranks in each forward)."""
+        the same windows (FSDP2 needs all ranks in each forward; under pipeline parallel every
+        rank runs its full model, given all stages' weights first)."""
+        if self.pipeline is not None:
+            self.pipeline.sync_weights()
         self.model.eval()
         c = self.config
         losses = [
@@ -525,6 +631,8 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         n_micro = self.micro_batches_now()
+        if self.pipeline is not None:
+            return self._pipeline_step(n_micro)
         total, tokens = 0.0, 0
         for micro in range(n_micro):
             # Micro-batch k of rank r is number k * world + r of the step: ranks read disjoint
@@ -541,31 +649,105 @@ class Trainer:
                 with self._autocast():
                     loss = self._forward_loss(batch)
                     loss = loss + self.z_loss.take()
-                (loss / n_micro).backward()
+                scaled = loss / n_micro
+                (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
             total += loss.item()
             tokens += self.tokens_per_batch(batch)
         total, tokens = distributed.all_reduce_sum([total, float(tokens)], env)
         loss = total / (n_micro * env.world_size)  # tensor-parallel ranks hold equal losses
         tokens = tokens / self.tensor_parallel
         params = [p for p in self.model.parameters() if p.grad is not None]
-        if self.tensor_parallel > 1:  # sharded and replicated gradients side by side
+        return self._apply_step(loss, params, norm=None, tokens=tokens)
+
+    def _pipeline_step(self, n_micro: int) -> tuple[float, float]:
+        """train_step under pipeline parallel: the step's micro-batches, concatenated, go through
+        the 1F1B schedule, which cuts them again into the same micro-batches."""
+        c = self.config
+        batches = [
+            self.train_data.get_batch(
+                c.batch_size,
+                c.seq_len,
+                seed=c.seed,
+                step=self.data_step(self.step),
+                micro_step=micro,
+            )
+            for micro in range(n_micro)
+        ]
+        inputs = torch.cat([b[0] for b in batches]).to(self.device)
+        targets = torch.cat([b[1] for b in batches]).to(self.device)
+        with self._autocast():
+            mean_loss = self.pipeline.step(inputs, targets)
+        squares = self.pipeline.local_grad_squares()
+        # Only the last stage knows the loss; every stage holds part of the gradient.
+        loss, squares = distributed.all_reduce_sum([mean_loss, squares], self.env)
+        params = [p for p in self.pipeline.stage.parameters() if p.grad is not None]
+        norm = math.sqrt(squares)
+        if c.grad_clip and norm > c.grad_clip:  # clip_grad_norm_'s scaling, on the global norm
+            for p in params:
+                p.grad.mul_(c.grad_clip / (norm + 1e-6))
+        tokens = sum(self.tokens_per_batch(b) for b in batches)
+        return self._apply_step(loss, params, norm=norm, tokens=tokens)
+
+    def _apply_step(
+        self, loss: float, params: list[torch.Tensor], *, norm: float | None, tokens: float
+    ) -> tuple[float, float]:
+        """Clip (unless done: norm given), check and apply the update; count the step."""
+        c = self.config
+        if self.scaler is not None:  # clip and check the true gradients, not the scaled ones
+            self.scaler.unscale_(self.optimizer)
+        if norm is None and self.tensor_parallel > 1:  # sharded and replicated grads side by side
             norm = distributed.clip_mixed_grad_norm(params, c.grad_clip)
-        else:
+        elif norm is None:
             # Clipping at infinity only measures: the global norm (over all shards under FSDP2).
             norm = torch.nn.utils.clip_grad_norm_(params, c.grad_clip or math.inf)
             norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
         self.last_step_skipped = self._check_step(loss, norm)
         if self.last_step_skipped is None:
-            self.optimizer.step()
+            if self.scaler is not None:
+                self.scaler.step(self.optimizer)  # its own inf check agrees: the norm is finite
+            else:
+                self.optimizer.step()
             self.spikes.accept(loss)
+        if self.scaler is not None:
+            # Every step ends the scaler's step: an overflow halves the scale, a run of
+            # growth_interval clean steps doubles it.
+            self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
         self.tokens_seen += int(tokens)
         return loss, norm
 
-    def _check_step(self, loss: float, norm: float) -> str | None:
-        """Why this step's update must not be applied ("nonfinite", "spike"), or None."""
+    def _check_pipeline_options(self) -> None:
+        """Options the pipeline schedule cannot honour: it runs the stages itself, with one
+        micro-batch count, outside the model's forward (hooks) and outside torch.compile."""
         c = self.config
+        for name, on in (
+            ("train.batch_ramp_start", c.batch_ramp_start),
+            ("train.z_loss", c.z_loss),
+            ("train.compile", c.compile),
+            ("train.precision=fp16", c.precision == "fp16"),
+        ):
+            if on:
+                raise ConfigError(
+                    f"train.parallel=pp does not support {name}; turn it off or use ddp/fsdp"
+                )
+
+    def _check_step(self, loss: float, norm: float) -> str | None:
+        """Why this step's update must not be applied ("overflow", "nonfinite", "spike"), or None.
+
+        Under fp16 loss scaling, a finite loss with a non-finite gradient is the scaler's
+        overflow (the scale was too high): the scaler skips it and lowers the scale, which is
+        its normal way of finding the scale, not a failure of the run. Once the scale is down
+        to 1 the gradient overflows unscaled: that is a non-finite step like any other."""
+        c = self.config
+        if (
+            self.scaler is not None
+            and math.isfinite(loss)
+            and not math.isfinite(norm)
+            and self.scaler.get_scale() > 1.0
+        ):
+            self.overflow_steps += 1
+            return "overflow"
         if not (math.isfinite(loss) and math.isfinite(norm)):
             if self.step == 0 and not self.data_skips:
                 raise TrainingDivergedError(
@@ -622,6 +804,8 @@ class Trainer:
             return
         with open(self.out_dir / "metrics.jsonl", "a") as f:
             f.write(json.dumps(record) + "\n")
+        if self.sinks is not None:
+            self.sinks.log(record)
 
     def fit(self) -> dict:
         """Train to `config.steps`; returns a summary of the run."""
@@ -634,6 +818,11 @@ class Trainer:
             self.out_dir.mkdir(parents=True, exist_ok=True)
         distributed.barrier(env)
         resumed_from = self.step if self.maybe_resume() else None
+        if env.is_main and (c.log_tensorboard or c.log_wandb):
+            self.sinks = loggers.MetricSinks(
+                self.out_dir, tensorboard=c.log_tensorboard, wandb=c.log_wandb,
+                config=dataclasses.asdict(c),
+            )  # fmt: skip
         if self.step == 0:
             # Dropout stream (init was seeded by the caller); rank 0 keeps the single-process one.
             torch.manual_seed(c.seed + 1_000_003 * env.rank)
@@ -678,6 +867,11 @@ class Trainer:
             if self.last_step_skipped == "nonfinite":
                 record["skipped"] = "nonfinite"
                 record["nonfinite_steps"] = self.nonfinite_steps
+            if self.scaler is not None:
+                record["loss_scale"] = self.scaler.get_scale()
+                if self.last_step_skipped == "overflow":
+                    record["skipped"] = "overflow"
+                    record["overflow_steps"] = self.overflow_steps
             out_of_time = 0 < c.time_limit_s <= self.elapsed
             if c.time_limit_s and env.active:  # clocks differ by rank: stop when any is out
                 out_of_time = distributed.all_reduce_sum([float(out_of_time)], env)[0] > 0
@@ -708,6 +902,9 @@ class Trainer:
                     )
                 break
         bar.close()
+        if self.sinks is not None:
+            self.sinks.close()
+            self.sinks = None
         if val_loss is None and self.val_data is not None:  # resumed a finished run
             val_loss = self.evaluate()
         weights = self._full_weights()
@@ -732,5 +929,6 @@ class Trainer:
             / (self.peak_flops * env.world_size),
             "world_size": env.world_size,
             "nonfinite_steps": self.nonfinite_steps,
+            "overflow_steps": self.overflow_steps,
             "spike_restarts": self.spike_restarts,
         }
