@@ -37,6 +37,20 @@ def linear_bytes(model: torch.nn.Module) -> int:
     return total
 
 
+def resident_bytes(model: torch.nn.Module) -> int:
+    """Bytes the linear layers hold in memory after decoding: their tensors plus any kernel
+    layout (an int4 layer keeps only the kernel's copy of its codes), each storage once."""
+    seen: dict[int, int] = {}
+    for name, module in model.named_modules():
+        if not (name.startswith("blocks.") or name == "lm_head"):
+            continue
+        extra = [getattr(module, a, None) for a in ("_kernel_weight", "_kernel_scale")]
+        for t in [*module.parameters(recurse=False), *module.buffers(recurse=False), *extra]:
+            if t is not None:
+                seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+    return sum(seen.values())
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--threads", type=int, default=2)
@@ -75,14 +89,20 @@ def main() -> None:
         f"SmolLM2-135M-Instruct, {args.threads} threads, prompt {p} tokens, {n} new tokens, "
         f"batch 1, best of {args.repeats}"
     )
-    print("| runner | linear weights MB | prefill tok/s | decode tok/s | decode vs fp32 |")
-    print("|---|---:|---:|---:|---:|")
+    print("| runner | linear weights MB | resident MB | prefill tok/s | decode tok/s "
+          "| decode vs fp32 |")  # fmt: skip
+    print("|---|---:|---:|---:|---:|---:|")
     base = None
     for name, t in best.items():
         prefill = p / t["prefill"]
         decode = (n - 1) / (t["decode1"] - t["prefill"])
         base = base or decode
-        size = f"{linear_bytes(models[name]) / 1e6:.0f}" if name in models else "(Q4_1 file)"
+        if name in models:
+            size = (
+                f"{linear_bytes(models[name]) / 1e6:.0f} | {resident_bytes(models[name]) / 1e6:.0f}"
+            )
+        else:
+            size = "(Q4_1 file) | -"
         print(f"| {name} | {size} | {prefill:.0f} | {decode:.1f} | {decode / base:.2f}x |")
 
 

@@ -5,9 +5,12 @@ the first documents of the shipped default corpus (the Python language reference
 text: standard-library docstrings from the same corpus, never seen by calibration. Perplexity
 is over --eval-samples windows of --seq-len tokens; size is model.safetensors as saved; decode
 is batch-1 tokens/s through the Engine (best of --repeats). SmolLM2's width 576 is not a
-multiple of 128, so int4 uses groups of 64 by default (--group-size).
+multiple of 128, so int4 uses groups of 64 by default (--group-size). The bf16 row is the fp32
+model cast to bf16 (weights, activations and KV cache): half the size, and on this CPU its
+batch-1 matmuls can take a slow path (measured, not hidden: see docs/benchmarks.md).
 
-Run: `python benchmarks/quant_table.py [--threads 2 --eval-samples 8 --seq-len 256]`.
+Run: `python benchmarks/quant_table.py [--threads 2 --eval-samples 8 --seq-len 256]
+[--rows fp32,bf16]` (--rows: the rows to run, by name prefix; fp32 always runs, as baseline).
 """
 
 from __future__ import annotations
@@ -41,7 +44,7 @@ def perplexity(model, windows: torch.Tensor) -> float:
     nll = 0.0
     for w in windows:
         logits = model(w[None, :-1])
-        nll += F.cross_entropy(logits[0], w[1:], reduction="sum").item()
+        nll += F.cross_entropy(logits[0].float(), w[1:], reduction="sum").item()
     return math.exp(nll / (windows.shape[0] * (windows.shape[1] - 1)))
 
 
@@ -68,6 +71,7 @@ def main() -> None:
     ap.add_argument("--group-size", type=int, default=64)
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=1)
+    ap.add_argument("--rows", default="", help="comma-separated row name prefixes ('': all)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     path = smollm2_path()
@@ -79,6 +83,7 @@ def main() -> None:
     g = args.group_size
     methods = {
         "fp32": None,
+        "bf16 (cast)": "bf16",
         "int8 RTN per-channel": ("rtn", 8, {}),
         "int8 LLM.int8() (t=6.0)": ("llm_int8", 8, {}),
         "W8A8 naive": ("w8a8", 8, {}),
@@ -88,6 +93,9 @@ def main() -> None:
         f"int4 GPTQ g{g} act-order": ("gptq", 4, {"calibration": calibration, "act_order": True}),
         "NF4 (double quant)": ("nf4", 4, {}),
     }
+    if args.rows:
+        wanted = tuple(r.strip() for r in args.rows.split(",") if r.strip())
+        methods = {k: v for k, v in methods.items() if k == "fp32" or k.startswith(wanted)}
     print(
         f"SmolLM2-135M, {args.threads} threads; held-out {args.eval_samples} x {args.seq_len} "
         f"tokens; calibration {args.calibration_samples} x {args.seq_len} tokens"
@@ -99,12 +107,14 @@ def main() -> None:
         start = time.perf_counter()
         if how is None:
             model = fp32
+        elif how == "bf16":
+            model = copy.deepcopy(fp32).to(torch.bfloat16)
         else:
             method, bits, kw = how
             model = quantize_model(copy.deepcopy(fp32), method, bits, g, **kw)
         seconds = time.perf_counter() - start
         with tempfile.TemporaryDirectory() as d:
-            if how is None:
+            if how is None or how == "bf16":
                 save_model(model, d + "/m")
             else:
                 save_quantized(model, d + "/m")

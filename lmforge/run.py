@@ -1,7 +1,7 @@
 """`lmforge run`: the whole pipeline on a small default, end to end, with a report card.
 
-corpus -> tokenizer -> token shards -> pre-training -> samples -> evaluation -> instruction tuning
--> report.md, plus a few answers from a released chat model (SmolLM2, GGUF) to show the inference
+corpus -> tokenizer -> token shards -> pre-training -> samples -> quantization -> evaluation ->
+instruction tuning -> report.md, plus a few answers from a released chat model (SmolLM2, GGUF) to show the inference
 path on real weights. With no arguments it
 uses an English corpus that ships with Python (the pydoc reference topics and the standard
 library's docstrings), so it needs no download. Later stages are added here as they land.
@@ -109,6 +109,11 @@ class RunConfig:
     sft_rationale: bool = field_(False, "train on step-by-step rationales, not just answers")
     sft_eval_items: int = field_(24, "held-out items per task scored before and after", ge=1)
     sft_time_limit_s: float = field_(30.0, "stop instruction tuning after this long", ge=0)
+    quantize: bool = field_(
+        True,
+        "after pre-training, quantize the model (int8 RTN per channel, int4 RTN group-wise) and "
+        "report size on disk, decode speed and validation perplexity against fp32",
+    )
 
 
 def _clean(docs: list[dict], config: RunConfig, out: Path) -> tuple[list[dict], dict[str, str]]:
@@ -199,6 +204,80 @@ def _instruction_tuning(model: Transformer, tokenizer, config: RunConfig, out: P
             f"{result['exact_match_before']:.3f} → {result['exact_match_after']:.3f}"
         ),
     }
+
+
+def _quantization(
+    model: Transformer, tokenizer, val_data, config: RunConfig, out: Path
+) -> tuple[dict[str, str], dict]:
+    """Quantize copies of the pre-trained model (seed 002 §5.4: int8 per output channel, int4
+    per group of inputs, round-to-nearest) and measure what it costs and gains against fp32:
+    size on disk, batch-1 decode tokens/s and perplexity on the first validation windows the
+    trainer scored (up to 4 batches: the stage takes seconds). Report lines and a summary dict;
+    the checkpoints stay in out/quantized."""
+    import copy
+
+    import torch.nn.functional as F
+
+    from lmforge.compress.quantized_model import quantize_model, save_quantized
+    from lmforge.infer.generate import SamplingParams, generate
+
+    t = _stage("quantization")
+    c = config.train
+    windows = list(val_data.eval_batches(c.batch_size, c.seq_len, min(c.eval_batches, 4)))
+    ins = {m.in_features for m in model.modules() if isinstance(m, torch.nn.Linear)}
+    # The largest usual group size that tiles every layer (the demo's MLP width 704 is 11 x 64).
+    group = next((g for g in (128, 64, 32) if all(i % g == 0 for i in ins)), 0)
+    variants = {"fp32": None, "int8 RTN per-channel": (8, 128)}  # (int8 ignores the group)
+    if group:
+        variants[f"int4 RTN g{group}"] = (4, group)
+    prompt = tokenizer.encode(config.prompts[0], add_bos=True)[:16]
+    new = min(16, config.model.max_seq_len - len(prompt))
+
+    def seconds(m, n):  # the faster of 2 runs; no EOS, so every run makes n tokens
+        params = SamplingParams(max_new_tokens=n, temperature=0)
+        times = []
+        for _ in range(2):
+            start = time.perf_counter()
+            generate(m, [prompt], params)
+            times.append(time.perf_counter() - start)
+        return min(times)
+
+    results: dict[str, dict] = {}
+    for name, how in variants.items():
+        if how is None:
+            q, size = model, (out / "model" / "model.safetensors").stat().st_size
+        else:
+            q = quantize_model(copy.deepcopy(model), "rtn", how[0], how[1])
+            path = save_quantized(q, out / "quantized" / name.split()[0], tokenizer=tokenizer)
+            size = (path / "model.safetensors").stat().st_size
+        with torch.no_grad():  # the loss on full logits (a quantized output layer has no .weight)
+            nll = [
+                F.cross_entropy(q(x).flatten(0, 1).float(), y.flatten()).item() for x, y in windows
+            ]
+        rate = (new - 1) / max(seconds(q, new) - seconds(q, 1), 1e-9)
+        results[name] = {
+            "size_bytes": size,
+            "val_perplexity": float(torch.tensor(sum(nll) / len(nll)).exp()),
+            "decode_tokens_per_s": rate,
+        }
+    base = results["fp32"]
+    lines = {}
+    for name, r in results.items():
+        cost = 100 * (r["val_perplexity"] / base["val_perplexity"] - 1)
+        speed = r["decode_tokens_per_s"] / base["decode_tokens_per_s"]
+        line = (
+            f"{r['size_bytes'] / 1e6:.1f} / {r['decode_tokens_per_s']:.0f} / "
+            f"{r['val_perplexity']:.2f}"
+        )
+        if r is not base:
+            line += (
+                f" ({base['size_bytes'] / r['size_bytes']:.1f}x smaller, {speed:.2f}x speed, "
+                f"perplexity {cost:+.2f}%)"
+            )
+        lines[f"quantization {name}: size MB / decode tok/s / val perplexity"] = line
+        print(f"{name}: {line}")
+    print(f"({time.perf_counter() - t:.1f}s)")
+    return lines, results
 
 
 def _chat_answers(config: RunConfig) -> tuple[dict[str, str], list[tuple[str, str]]]:
@@ -301,6 +380,9 @@ def run(config: RunConfig) -> Path:
     for prompt, text in samples:
         print(f"--- {prompt}{text}")
 
+    quantized, quant_summary = (
+        _quantization(model, tokenizer, val_data, config, out) if config.quantize else ({}, {})
+    )
     evaluation = _evaluate(model, tokenizer, config, out) if config.eval_tasks else {}
     tuning = _instruction_tuning(model, tokenizer, config, out) if config.sft_steps else {}
     chat_facts, chat_section = _chat_answers(config) if config.chat_model else ({}, [])
@@ -327,6 +409,7 @@ def run(config: RunConfig) -> Path:
         "final validation loss (nats/token)": round(summary["final_val_loss"], 4),
         "unigram entropy of the corpus (nats/token)": round(entropy, 4),
         "validation perplexity": round(float(torch.tensor(summary["final_val_loss"]).exp()), 2),
+        **quantized,
         **evaluation,
         **tuning,
         **chat_facts,
@@ -335,6 +418,13 @@ def run(config: RunConfig) -> Path:
     notes = (
         "The unigram entropy is the loss of the best model that ignores context; a validation "
         "loss below it means the model has learned to use context."
+        + (
+            " Quantization rows: round-to-nearest copies of the pre-trained model (checkpoints "
+            "in quantized/); ratios are against fp32, speed is batch-1 decode on this machine "
+            "as loaded at the time (noisy on shared cores)."
+            if quant_summary
+            else ""
+        )
     )
     report = write_report(
         out,
@@ -347,7 +437,15 @@ def run(config: RunConfig) -> Path:
         sections=chat_section,
     )
     (out / "summary.json").write_text(
-        json.dumps({**summary, "unigram_entropy": entropy, "index": index["splits"]}, indent=2)
+        json.dumps(
+            {
+                **summary,
+                "unigram_entropy": entropy,
+                "index": index["splits"],
+                "quantization": quant_summary,
+            },
+            indent=2,
+        )
     )
     print(f"\nreport: {report}")
     return report

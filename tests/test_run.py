@@ -1,6 +1,7 @@
 """`lmforge run`: the main job end to end (tiny settings; the full default run is `slow`)."""
 
 import json
+import math
 import time
 
 import pytest
@@ -60,6 +61,18 @@ def test_run_on_user_data_writes_report(tmp_path):
     assert "## Chat — smollm2" in report and "The capital of France is Paris" in report
     # A repetitive corpus: even this tiny model must beat the context-free baseline.
     assert summary["final_val_loss"] < summary["unigram_entropy"]
+    # The quantization stage: int8 and int4 copies, smaller on disk, perplexity close to fp32's
+    # (which is the trainer's own validation loss, scored on the same windows).
+    quant = summary["quantization"]
+    assert set(quant) == {"fp32", "int8 RTN per-channel", "int4 RTN g32"}
+    fp32, int8, int4 = quant.values()
+    assert fp32["val_perplexity"] == pytest.approx(math.exp(summary["final_val_loss"]), rel=1e-3)
+    assert int8["val_perplexity"] == pytest.approx(fp32["val_perplexity"], rel=0.02)
+    assert int4["val_perplexity"] == pytest.approx(fp32["val_perplexity"], rel=0.3)
+    assert fp32["size_bytes"] > int8["size_bytes"] > int4["size_bytes"]
+    assert all(r["decode_tokens_per_s"] > 0 for r in quant.values())
+    assert "quantization int4 RTN g32: size MB / decode tok/s / val perplexity" in report
+    assert (out / "quantized" / "int4" / "quantization.yaml").exists()
 
 
 @pytest.mark.slow

@@ -18,6 +18,7 @@ from torch import nn
 
 from lmforge.compress.quantize import check_group_size, pack_int4, unpack_int4
 from lmforge.errors import ConfigError
+from lmforge.model.layers import _ONEDNN_LINEAR
 
 # The 16 NF4 levels as published with QLoRA (Dettmers et al. 2023, appendix E); tests rebuild
 # them from the normal quantiles.
@@ -84,10 +85,56 @@ def dequantize_nf4(q: dict[str, torch.Tensor], shape: tuple[int, ...]) -> torch.
     return (values * block_scales(q)[:, None]).reshape(shape)
 
 
+# Rows dequantized at a time by NF4Linear's product: 2^20 weights (4 MiB in fp32), so no layer's
+# fp32 weight is ever held whole, during training or inference.
+CHUNK_ELEMENTS = 1 << 20
+
+
+def _matmul_t(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """x w^T: through oneDNN for fp32 on CPU, as lmforge's Linear does (about twice MKL's speed
+    on the project's CPU, also for a weight it sees for the first time), else F.linear."""
+    if (
+        _ONEDNN_LINEAR
+        and x.device.type == "cpu"
+        and x.dtype == w.dtype == torch.float32
+        and not torch.compiler.is_compiling()
+    ):
+        return torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], "")
+    return F.linear(x, w)
+
+
+class _NF4Product(torch.autograd.Function):
+    """x W^T for a frozen NF4 weight, dequantized a block of rows at a time, both for the output
+    and for the input gradient g W (QLoRA, Dettmers et al. 2023, section 3: the base is stored
+    in NF4 and dequantized to the compute dtype only when it is used). Nothing is saved for
+    backward but the layer itself: a frozen weight needs no weight gradient, hence no input."""
+
+    @staticmethod
+    def forward(ctx, x, layer):
+        ctx.layer = layer
+        x2 = x.reshape(-1, layer.in_features)
+        ys = [_matmul_t(x2, w.to(x.dtype)) for _, w in layer.row_chunks()]
+        y = ys[0] if len(ys) == 1 else torch.cat(ys, dim=-1)
+        return y.reshape(*x.shape[:-1], layer.out_features)
+
+    @staticmethod
+    def backward(ctx, grad):
+        layer = ctx.layer
+        g2 = grad.reshape(-1, layer.out_features)
+        dx = None
+        for (lo, hi), w in layer.row_chunks():
+            # g W over this block of rows: a product with W^T as its (out, in) weight.
+            part = _matmul_t(g2[:, lo:hi].contiguous(), w.to(g2.dtype).t())
+            dx = part if dx is None else dx.add_(part)
+        return dx.reshape(*grad.shape[:-1], layer.in_features), None
+
+
 class NF4Linear(nn.Module):
     """A linear layer whose weight is stored as NF4 with double-quantized scales (~4.13 bits per
-    weight). The product dequantizes the weight and multiplies in fp32: NF4 is a storage format
-    (QLoRA's frozen base), with no CPU kernel of its own."""
+    weight). The product dequantizes the weight a block of rows at a time and multiplies in the
+    input's dtype: NF4 is a storage format (QLoRA's frozen base), with no CPU kernel of its own.
+    The weight is frozen: gradients flow to the input only (lmforge.compress.qlora trains LoRA
+    on top)."""
 
     def __init__(
         self, in_features: int, out_features: int, *, bias: bool = False, device=None
@@ -119,8 +166,42 @@ class NF4Linear(nn.Module):
         parts = {n: getattr(self, n) for n in ("codes", "scale_codes", "scale2", "scale_mean")}
         return dequantize_nf4(parts, (self.out_features, self.in_features))
 
+    @property
+    def weight(self) -> torch.Tensor:
+        """The dequantized fp32 weight, for code that reads a Linear's weight (LoRA reads its
+        dtype and device). An inference tensor: writing into it raises (it is a copy, and a
+        write would otherwise be silently lost), e.g. merging LoRA into an NF4 base."""
+        with torch.inference_mode():
+            return self.dequantized_weight()
+
+    def row_chunks(self):
+        """((first row, end row), fp32 weight rows) covering the weight, CHUNK_ELEMENTS at a
+        time. A row is a whole number of NF4 blocks, so a chunk's codes and scales are
+        contiguous slices of the stored ones."""
+        rows = max(1, CHUNK_ELEMENTS // self.in_features)
+        scales = block_scales(
+            {n: getattr(self, n) for n in ("scale_codes", "scale2", "scale_mean")}
+        )
+        pairs = _level_pairs(self.codes.device)
+        per_row = self.in_features // BLOCK
+        for lo in range(0, self.out_features, rows):
+            hi = min(lo + rows, self.out_features)
+            packed = self.codes[lo * self.in_features // 2 : hi * self.in_features // 2]
+            # One lookup per byte gives both of its levels (low nibble first, as packed).
+            values = F.embedding(packed.int(), pairs).view(-1, BLOCK)
+            w = values * scales[lo * per_row : hi * per_row, None]
+            yield (lo, hi), w.view(hi - lo, self.in_features)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.dequantized_weight().to(x.dtype), self.bias)
+        y = _NF4Product.apply(x, self)
+        return y if self.bias is None else y + self.bias.to(y.dtype)
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, nf4 block={BLOCK}"
+
+
+def _level_pairs(device) -> torch.Tensor:
+    """(256, 2): the two NF4 levels packed in each byte value (low nibble, high nibble)."""
+    levels = torch.tensor(NF4_LEVELS, device=device)
+    byte = torch.arange(256, device=device)
+    return torch.stack([levels[byte & 15], levels[byte >> 4]], dim=-1)

@@ -113,3 +113,51 @@ def test_errors():
     model = quantize_model(tiny_model(), "rtn", 8)
     with pytest.raises(ConfigError, match="already quantized"):
         quantize_model(model, "rtn", 4, 64)
+
+
+def test_int4_keeps_one_copy_of_its_codes_and_saves_the_portable_form():
+    torch.manual_seed(0)
+    q = QuantizedLinear.from_linear(Linear(256, 96, bias=True), 4, group_size=64)
+    portable = q.qweight.clone()
+    state = {k: v.clone() for k, v in q.state_dict().items()}
+    x = torch.randn(3, 256)
+    with torch.no_grad():
+        fast = q(x)
+    if q._kernel_weight is None:
+        pytest.skip("no int4 CPU kernel in this PyTorch")
+    # After the kernel's repacking only its copy is resident: 0.5 bytes a weight of codes, plus
+    # the fp32 scale and zero-point per group and the kernel's bf16 (scale, zero) pairs.
+    assert q.qweight is None
+    resident = sum(t.numel() * t.element_size() for t in q.buffers()) + sum(
+        t.numel() * t.element_size() for t in (q._kernel_weight, q._kernel_scale)
+    )
+    assert resident == 96 * 256 // 2 + 96 * 4 * (4 + 4 + 2 * 2) + 96 * 4
+    # state_dict rebuilds the portable codes bit for bit; loading works in either form.
+    saved = q.state_dict()
+    assert saved.keys() == state.keys()
+    assert all(torch.equal(saved[k], state[k]) for k in state)
+    assert torch.equal(saved["qweight"], portable)
+    other = QuantizedLinear(256, 96, bits=4, group_size=64, bias=True)
+    with torch.no_grad():
+        other(x)  # kernel form, then overwritten by loading
+        other.load_state_dict(saved)
+        assert torch.equal(other(x), fast)
+        q.use_kernel = False  # the dequantizing path switches back to the portable codes
+        assert torch.allclose(q(x), x @ q.dequantized_weight().t() + q.bias, atol=1e-4)
+    assert torch.equal(q.qweight, portable) and q._kernel_weight is None
+
+
+@pytest.mark.parametrize("n,k", [(16, 64), (48, 128), (96, 576), (576, 1536)])
+def test_kernel_order_inverts_the_int4_repacking(n, k):
+    from lmforge.compress.qlinear import _INT4_KERNEL, _kernel_order
+
+    if not _INT4_KERNEL:
+        pytest.skip("no int4 CPU kernel in this PyTorch")
+    codes = torch.randint(
+        0, 16, (n, k), dtype=torch.int32, generator=torch.Generator().manual_seed(n)
+    )
+    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 2)
+    nibbles = torch.stack([packed & 15, packed >> 4], dim=-1).reshape(-1)
+    back = torch.empty_like(nibbles)
+    back[_kernel_order(n, k)] = nibbles
+    assert torch.equal(back.view(n, k).int(), codes)

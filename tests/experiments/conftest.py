@@ -26,19 +26,3 @@ def shards(tmp_path_factory):
     }
     (directory / "index.json").write_text(json.dumps(index))
     return directory
-
-
-def tiny_pretrain_args(shards, steps=30):
-    return {
-        "data": str(shards),
-        "model": {"d_model": 32, "n_layers": 1, "n_heads": 2, "vocab_size": 64, "max_seq_len": 32},
-        "train": {
-            "steps": steps,
-            "batch_size": 8,
-            "seq_len": 32,
-            "eval_every": 10,
-            "eval_batches": 4,
-            "save_every": 10,
-            "log_every": 10,
-        },
-    }

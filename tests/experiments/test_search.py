@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import tiny_pretrain_args
 
 from lmforge.config import from_dict
 from lmforge.errors import ConfigError
@@ -22,6 +21,22 @@ from lmforge.experiments.sweep import (
     read_metric,
     sweep_command,
 )
+
+
+def tiny_pretrain_args(shards, steps=30):
+    return {
+        "data": str(shards),
+        "model": {"d_model": 32, "n_layers": 1, "n_heads": 2, "vocab_size": 64, "max_seq_len": 32},
+        "train": {
+            "steps": steps,
+            "batch_size": 8,
+            "seq_len": 32,
+            "eval_every": 10,
+            "eval_batches": 4,
+            "save_every": 10,
+            "log_every": 10,
+        },
+    }
 
 
 def spec(tmp_path, shards, **kw) -> SweepConfig:
