@@ -281,8 +281,13 @@ class Sweep:
         optuna.storages.fail_stale_trials(self.study)  # crashed workers' trials: re-queued
         threads = max(1, (os.cpu_count() or 1) // self.config.parallel)
         running: dict[int, _Running] = {}
+        checked = time.monotonic()
         try:
             while True:
+                if time.monotonic() - checked > self.config.heartbeat_s:
+                    # Another worker's (or a just-crashed run's) trial may go stale meanwhile.
+                    optuna.storages.fail_stale_trials(self.study)
+                    checked = time.monotonic()
                 while len(running) < self.config.parallel and (
                     self.finished() + len(running) < self.target
                 ):
