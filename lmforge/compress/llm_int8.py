@@ -26,6 +26,16 @@ def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return t.q, t.scale.squeeze(-1)
 
 
+def store_int8_weight(layer: nn.Module, w: torch.Tensor, bias: torch.Tensor | None) -> None:
+    """Write `w` into `layer.qweight` / `layer.scale` as symmetric per-output-channel int8 (the
+    weight half of LLM.int8() and of W8A8), and copy the bias."""
+    t = quantize(w, 8, symmetric=True, granularity="channel")
+    layer.qweight.copy_(t.q)
+    layer.scale.copy_(t.scale.reshape(-1))
+    if bias is not None:
+        layer.bias.copy_(bias.detach())
+
+
 class LLMInt8Linear(nn.Module):
     """Linear layer with an int8 weight (per output channel) and LLM.int8()'s outlier split."""
 
@@ -57,11 +67,7 @@ class LLMInt8Linear(nn.Module):
             threshold=threshold,
             device=w.device,
         )
-        t = quantize(w, 8, symmetric=True, granularity="channel")
-        layer.qweight.copy_(t.q)
-        layer.scale.copy_(t.scale.reshape(-1))
-        if linear.bias is not None:
-            layer.bias.copy_(linear.bias.detach())
+        store_int8_weight(layer, w, linear.bias)
         return layer
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -15,8 +15,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from lmforge.compress.llm_int8 import quantize_rows
-from lmforge.compress.quantize import int8_matmul, quantize
+from lmforge.compress.llm_int8 import quantize_rows, store_int8_weight
+from lmforge.compress.quantize import int8_matmul
 
 DEFAULT_ALPHA = 0.5
 
@@ -53,11 +53,7 @@ class W8A8Linear(nn.Module):
         if smooth is not None:
             layer.smooth.copy_(smooth)
             w = w * smooth[None, :]
-        t = quantize(w, 8, symmetric=True, granularity="channel")
-        layer.qweight.copy_(t.q)
-        layer.scale.copy_(t.scale.reshape(-1))
-        if linear.bias is not None:
-            layer.bias.copy_(linear.bias.detach())
+        store_int8_weight(layer, w, linear.bias)
         return layer
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
