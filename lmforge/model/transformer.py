@@ -22,11 +22,17 @@ class Block(nn.Module):
         self.attn = Attention(config, layer)
         self.mlp_norm = make_norm(config)
         self.mlp = MLP(config)
-        self.drop = nn.Dropout(config.dropout)
+        self.drop = nn.Dropout(config.dropout) if config.dropout else None
 
     def forward(self, x, rope, mask, cache=None):
-        x = x + self.drop(self.attn(self.attn_norm(x), rope, mask, cache))
-        return x + self.drop(self.mlp(self.mlp_norm(x)))
+        h = self.attn(self.attn_norm(x), rope, mask, cache)
+        if self.drop is not None:
+            h = self.drop(h)
+        x = x + h
+        h = self.mlp(self.mlp_norm(x))
+        if self.drop is not None:
+            h = self.drop(h)
+        return x + h
 
 
 class Transformer(nn.Module):

@@ -7,6 +7,7 @@ import copy
 import torch
 
 from lmforge.infer.hugepages import move_to_huge_pages
+from lmforge.interop.hf import export_hf, load_hf
 from lmforge.model import ModelConfig, Transformer
 from lmforge.train.checkpoint import load_model, save_model
 
@@ -29,6 +30,11 @@ def test_outputs_ties_and_saving_survive_the_move(tmp_path):
     assert model.lm_head.weight is model.embed.weight  # still tied
     storages = {p.untyped_storage().data_ptr() for p in model.parameters()}
     assert len(storages) == 1  # one arena
+    # Block linears are stored column-major (their transpose is contiguous), the tied output
+    # layer / embedding row-major; shapes and values are unchanged.
+    w = model.blocks[0].mlp.w_out.weight
+    assert w.shape == params["blocks.0.mlp.w_out.weight"].shape and w.t().is_contiguous()
+    assert model.embed.weight.is_contiguous()
     with torch.no_grad():
         assert torch.equal(model(ids), before)
     assert move_to_huge_pages(model) == move_to_huge_pages(model)  # later calls: no-op
@@ -36,6 +42,9 @@ def test_outputs_ties_and_saving_survive_the_move(tmp_path):
     with torch.no_grad():
         assert torch.equal(load_model(save_model(model, tmp_path / "ckpt"))(ids), before)
         assert torch.equal(copy.deepcopy(model)(ids), before)
+    export_hf(model, tmp_path / "hf")
+    with torch.no_grad():
+        assert torch.allclose(load_hf(tmp_path / "hf")(ids), before, atol=1e-5)
 
 
 def test_training_after_the_move_updates_the_weights():
