@@ -260,10 +260,20 @@ def merge_lora(model: nn.Module, name: str | None = None) -> None:
     """Fold the LoRA update into the base weights (W += s B A) for fast inference; the original
     rows are kept so unmerge_lora restores them exactly."""
     adapter = _lora(model, name)
+    bases = {key: model.get_submodule(key.replace("/", ".")) for key in adapter.layers}
+    # Checked before any weight changes: merging into a quantized base (QLoRA's NF4, int8/int4)
+    # would need requantizing W + s B A, which loses the update's precision.
+    quantized = [k for k, m in bases.items() if type(getattr(m, "weight", None)) is not nn.Parameter]
+    if quantized:
+        raise LmforgeError(
+            f"cannot merge LoRA into a quantized base layer ({quantized[0].replace('/', '.')} is "
+            f"{type(bases[quantized[0]]).__name__}): load the fp32 base, load_adapter onto it, "
+            "then merge"
+        )
     for key, layer in adapter.layers.items():
         if layer.merged is not None:
             continue
-        w = model.get_submodule(key.replace("/", ".")).weight
+        w = bases[key].weight
         layer.merged = w.detach().clone()
         for s, (lo, hi) in layer.slices.items():
             w[lo:hi] += layer.delta_weight(s).to(w.dtype)
@@ -632,11 +642,18 @@ def save_adapter(
             "name": base_name,
             "sha256": state.base_sha256,
             "config": to_dict(model.config),
+            # A QLoRA adapter's base is the quantized checkpoint, not the fp32 model it came from.
+            "quantization": _quantization_of(model),
         },
     }
     _write_file(directory / ADAPTER_WEIGHTS, lambda p: save_file(weights, str(p)))
     _write_file(directory / ADAPTER_CONFIG, lambda p: p.write_text(yaml.safe_dump(meta)))
     return directory
+
+
+def _quantization_of(model: nn.Module) -> dict | None:
+    spec = getattr(model, "quantization", None)
+    return None if spec is None else to_dict(spec)
 
 
 def load_adapter(

@@ -3,6 +3,7 @@
 import copy
 
 import pytest
+import yaml
 import torch
 import torch.nn.functional as F
 
@@ -11,7 +12,7 @@ from lmforge.compress import nf4
 from lmforge.compress.nf4 import NF4Linear
 from lmforge.compress.qlora import prepare_qlora
 from lmforge.compress.quantized_model import load_quantized, quantize_model, save_quantized
-from lmforge.errors import ConfigError
+from lmforge.errors import ConfigError, LmforgeError
 from lmforge.model import ModelConfig, Transformer
 from lmforge.model.layers import Linear
 from lmforge.train.objectives import causal_lm_loss
@@ -118,8 +119,10 @@ def test_from_an_nf4_checkpoint_and_bad_bases(tmp_path):
     loaded = load_quantized(tmp_path / "nf4").train()
     adapter = prepare_qlora(loaded, LORA)
     assert len(adapter.layers) == 2 * 4  # qkv, out, w_in, w_out in each of 2 blocks
-    with pytest.raises(RuntimeError, match="inference tensor"):
-        merge_lora(loaded)  # the NF4 weight is a copy: merging into it is refused, not lost
+    codes = {k: v.clone() for k, v in loaded.state_dict().items()}
+    with pytest.raises(LmforgeError, match="cannot merge LoRA into a quantized base layer"):
+        merge_lora(loaded)  # refused up front, nothing changed
+    assert all(torch.equal(v, codes[k]) for k, v in loaded.state_dict().items())
     with pytest.raises(ConfigError, match="NF4 base with an fp32 output layer"):
         prepare_qlora(quantize_model(tiny(), "rtn", 8), LORA)
     with pytest.raises(ConfigError, match="including its output layer"):
@@ -137,6 +140,8 @@ def test_adapter_and_nf4_base_save_and_load(tmp_path):
                 p.normal_(0, 0.05)
     save_quantized(model, tmp_path / "base")
     save_adapter(model, tmp_path / "adapter")
+    meta = yaml.safe_load((tmp_path / "adapter" / "adapter.yaml").read_text())
+    assert meta["base_model"]["quantization"]["method"] == "nf4"  # the base it needs
     loaded = load_quantized(tmp_path / "base")
     load_adapter(loaded, tmp_path / "adapter")  # checks the NF4 base's fingerprint
     x, _ = batch()
