@@ -71,6 +71,8 @@ def main() -> None:
         f"lmforge int4 RTN g{args.group_size}": quantize_model(
             copy.deepcopy(fp32), "rtn", 4, args.group_size
         ),
+        # NF4 (QLoRA's storage type) has no CPU kernel: each product dequantizes a block of rows.
+        "lmforge NF4": quantize_model(copy.deepcopy(fp32), "nf4", 4),
     }
     runners = {name: lmforge_runs(m, tokenizer, batch, n) for name, m in models.items()}
     runners = {name: {k: r[k] for k in ("prefill", "decode1")} for name, r in runners.items()}

