@@ -204,6 +204,9 @@ def main() -> None:
         print(json.dumps(one(args.one, args.steps, args.hf_dir)))
         return
     kinds = [k for k in args.kinds.split(",") if k]
+    unknown = sorted(set(kinds) - set(KINDS))
+    if unknown:
+        ap.error(f"unknown --kinds {', '.join(unknown)}; choose from {', '.join(KINDS)}")
     if kinds and args.rounds:
         speed(kinds, args.rounds, args.steps)
     if args.pairs:
