@@ -13,6 +13,10 @@ from lmforge.errors import LmforgeError
 
 
 def _commands() -> dict[str, tuple[type, Callable[[Any], Any], str]]:
+    from lmforge.adapt.dpo import DPOConfig, dpo
+    from lmforge.adapt.ppo import PPOConfig, ppo
+    from lmforge.adapt.rejection import RejectionConfig, rejection
+    from lmforge.adapt.reward import RewardConfig, reward_command
     from lmforge.adapt.sft import SFTConfig, sft
     from lmforge.compress.commands import QuantizeConfig, quantize_command
     from lmforge.compress.distill import DistillConfig, distill
@@ -67,6 +71,10 @@ def _commands() -> dict[str, tuple[type, Callable[[Any], Any], str]]:
         "plan": (PlanConfig, plan_command, "compute-optimal model and data size for a budget"),
         "eval": (EvalConfig, eval_command, "evaluate a model on tasks (results.json, samples)"),
         "sft": (SFTConfig, sft, "instruction-tune a model: full, LoRA, adapter, prefix, prompt"),
+        "reward": (RewardConfig, reward_command, "train a reward model on preference pairs"),
+        "dpo": (DPOConfig, dpo, "align a model on preference pairs with DPO or IPO"),
+        "ppo": (PPOConfig, ppo, "RLHF with PPO (value head, KL penalty) or GRPO"),
+        "rejection": (RejectionConfig, rejection, "best-of-n rejection-sampling fine-tuning"),
         "sweep": (SearchConfig, search_command, "hyperparameter search over any command (Optuna)"),
         "runs list": (runs.RunsListConfig, runs.list_command, "list and filter run directories"),
         "runs compare": (runs.RunsCompareConfig, runs.compare_command, "config diff + metrics"),

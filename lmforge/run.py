@@ -1,7 +1,7 @@
 """`lmforge run`: the whole pipeline on a small default, end to end, with a report card.
 
 corpus -> tokenizer -> token shards -> pre-training -> samples -> quantization -> evaluation ->
-instruction tuning -> report.md, plus a few answers from a released chat model (SmolLM2, GGUF) to show the inference
+instruction tuning -> alignment -> report.md, plus a few answers from a released chat model (SmolLM2, GGUF) to show the inference
 path on real weights. With no arguments it
 uses an English corpus that ships with Python (the pydoc reference topics and the standard
 library's docstrings), so it needs no download. Later stages are added here as they land.
@@ -109,6 +109,13 @@ class RunConfig:
     sft_rationale: bool = field_(False, "train on step-by-step rationales, not just answers")
     sft_eval_items: int = field_(24, "held-out items per task scored before and after", ge=1)
     sft_time_limit_s: float = field_(30.0, "stop instruction tuning after this long", ge=0)
+    align: bool = field_(
+        True,
+        "after instruction tuning, align the model with DPO on verifiable preference pairs of "
+        "sft_tasks (right vs wrong answer, concise vs rambling, refusal vs compliance) and report "
+        "reward, KL and exact match before and after",
+    )
+    align_steps: int = field_(30, "DPO steps of the alignment stage (at most 20 s)", ge=1)
     quantize: bool = field_(
         True,
         "after pre-training, quantize the model (int8 RTN per channel, int4 RTN group-wise) and "
@@ -184,14 +191,21 @@ def _instruction_tuning(model: Transformer, tokenizer, config: RunConfig, out: P
         packing=config.sft_method != "prompt",
         skip_too_long=True,  # a user's tiny tokenizer may make some outputs too long: count them
         train=TrainConfig(
-            steps=config.sft_steps, batch_size=16, seq_len=64 if not config.sft_rationale else 128,
-            warmup_steps=5, weight_decay=0.0,
-            eval_every=0, save_every=0, log_every=10, seed=config.train.seed,
-            device=config.train.device, time_limit_s=config.sft_time_limit_s,
+            steps=config.sft_steps,
+            batch_size=16,
+            seq_len=64 if not config.sft_rationale else 128,
+            warmup_steps=5,
+            weight_decay=0.0,
+            eval_every=0,
+            save_every=0,
+            log_every=10,
+            seed=config.train.seed,
+            device=config.train.device,
+            time_limit_s=config.sft_time_limit_s,
             # LoRA and the other small adapters take a larger step than full fine-tuning.
             lr=1e-3 if config.sft_method == "full" else 5e-3,
         ),
-    )  # fmt: skip
+    )
     sc.lora.targets, sc.lora.r, sc.lora.alpha = ["all-linear"], 16, 32.0
     result = sft(sc, model=model, tokenizer=tokenizer)
     print(f"({time.perf_counter() - t:.1f}s)")
@@ -203,6 +217,57 @@ def _instruction_tuning(model: Transformer, tokenizer, config: RunConfig, out: P
         f"instruction tuning exact match before → after (held-out, n={n})": (
             f"{result['exact_match_before']:.3f} → {result['exact_match_after']:.3f}"
         ),
+    }
+
+
+def _alignment(model: Transformer, tokenizer, config: RunConfig, out: Path) -> dict:
+    """DPO (Rafailov et al. 2023) of the instruction-tuned model on verifiable preference pairs
+    of its tasks (seed 002 §5.2): report lines with verifier reward, exact match, refusal rate
+    of held-out harmful requests and KL to the SFT model, before and after."""
+    from lmforge.adapt.dpo import DPOConfig, dpo
+    from lmforge.adapt.optimize import AlignTrainConfig
+    from lmforge.adapt.preference import PreferenceDataConfig
+
+    t = _stage("alignment (DPO)")
+    # beta 0.5 and lr 3e-5: at beta 0.1 / lr 1e-4 DPO sharpened held-out preferences but wrecked
+    # greedy answers of small models (docs/align.md, "Measured").
+    dc = DPOConfig(
+        model="the instruction-tuned demo model",
+        out=str(out / "align"),
+        method="full",
+        data=PreferenceDataConfig(
+            tasks=list(config.sft_tasks),
+            per_task=100,
+            eval_per_task=16,
+            rationale=config.sft_rationale,
+        ),
+        beta=0.5,
+        eval_items=config.sft_eval_items,
+        eval_harmful=8,
+        kl_samples=16,
+        max_new_tokens=32 if config.sft_rationale else 8,
+        train=AlignTrainConfig(
+            steps=config.align_steps,
+            batch_size=8,
+            lr=3e-5,
+            seed=config.train.seed,
+            device=config.train.device,
+            time_limit_s=20,
+        ),
+    )
+    result = dpo(dc, model=model, tokenizer=tokenizer)
+    print(f"({time.perf_counter() - t:.1f}s)")
+    b, a = result["before"], result["after"]
+    return {
+        "alignment": f"DPO (full, beta {dc.beta}) on {result['train_pairs']} verifiable pairs: "
+        f"{result['steps']} steps, {result['train_seconds']:.0f}s; held-out pair accuracy "
+        f"{result['held_out_pairs']['reward_accuracy']:.3f}",
+        "alignment verifier reward before → after": f"{b['reward']:.3f} → {a['reward']:.3f}",
+        "alignment exact match before → after": f"{b['exact_match']:.3f} → {a['exact_match']:.3f}",
+        "alignment refusal rate (held-out harmful requests) before → after": (
+            f"{b['refusal_rate']:.3f} → {a['refusal_rate']:.3f}"
+        ),
+        "alignment KL to the SFT model (nats/response)": f"{a['kl']:.3f} ± {a['kl_stderr']:.3f}",
     }
 
 
@@ -385,6 +450,12 @@ def run(config: RunConfig) -> Path:
     )
     evaluation = _evaluate(model, tokenizer, config, out) if config.eval_tasks else {}
     tuning = _instruction_tuning(model, tokenizer, config, out) if config.sft_steps else {}
+    # DPO trains every weight: a LoRA/adapter-tuned model would first need its adapter merged.
+    aligned = (
+        _alignment(model, tokenizer, config, out)
+        if config.align and (config.sft_method == "full" or not config.sft_steps)
+        else {}
+    )
     chat_facts, chat_section = _chat_answers(config) if config.chat_model else ({}, [])
 
     facts = {
@@ -412,6 +483,7 @@ def run(config: RunConfig) -> Path:
         **quantized,
         **evaluation,
         **tuning,
+        **aligned,
         **chat_facts,
         "total wall time (s)": round(time.perf_counter() - start, 1),
     }

@@ -54,6 +54,8 @@ def test_run_on_user_data_writes_report(tmp_path):
         "## Samples",
         "Sentence",
         "instruction tuning exact match before → after (held-out, n=4)",
+        "alignment exact match before → after",
+        "alignment KL to the SFT model (nats/response)",
     ]:
         assert key in report
     assert summary["tokens_seen"] == 30 * 4 * 32
