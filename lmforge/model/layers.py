@@ -79,24 +79,53 @@ class RMSNorm(nn.Module):
         return y * self.weight
 
 
-def make_norm(config: ModelConfig) -> nn.Module:
+def make_norm(config: ModelConfig, dim: int | None = None) -> nn.Module:
+    """The configured norm over `dim` features (default d_model)."""
+    dim = dim or config.d_model
     if config.norm == "rmsnorm":
-        return RMSNorm(config.d_model, config.norm_eps)
-    return nn.LayerNorm(config.d_model, eps=config.norm_eps, bias=config.bias)
+        return RMSNorm(dim, config.norm_eps)
+    return nn.LayerNorm(dim, eps=config.norm_eps, bias=config.bias)
+
+
+def deepnorm_constants(n_layers: int, n_decoder_layers: int = 0) -> dict[str, tuple[float, float]]:
+    """DeepNorm's (alpha, beta) per stack (Wang et al. 2022, DeepNet, Table 1): alpha scales the
+    residual in N(alpha*x + f(x)), beta the init of the value, output and FFN projections.
+
+    With n_decoder_layers=0 the model is one stack (decoder-only or encoder-only) of N layers:
+    alpha=(2N)^(1/4), beta=(8N)^(-1/4). An encoder-decoder with N encoder and M decoder layers
+    uses encoder alpha=0.81(N^4 M)^(1/16), beta=0.87(N^4 M)^(-1/16), and decoder
+    alpha=(3M)^(1/4), beta=(12M)^(-1/4)."""
+    N, M = n_layers, n_decoder_layers
+    if not M:
+        return {"blocks": ((2 * N) ** 0.25, (8 * N) ** -0.25)}
+    return {
+        "encoder_blocks": (0.81 * (N**4 * M) ** (1 / 16), 0.87 * (N**4 * M) ** (-1 / 16)),
+        "blocks": ((3 * M) ** 0.25, (12 * M) ** -0.25),
+    }
+
+
+ACTIVATIONS = {
+    "relu": F.relu,
+    "gelu": F.gelu,
+    "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),
+    "swiglu": F.silu,
+    "geglu": F.gelu,
+}
 
 
 class MLP(nn.Module):
-    """Position-wise feed-forward: GeLU MLP (GPT-2) or gated SwiGLU (Shazeer 2020; Llama).
+    """Position-wise feed-forward: act(x W_in) W_out with ReLU/GeLU, or a gated linear unit
+    (act(x W_gate) * x W_up) W_out with SiLU (SwiGLU) or GeLU (GeGLU) (Shazeer 2020).
 
-    For SwiGLU the gate and up projections are one fused matrix `w_in` = [gate; up], so one
+    For gated units the gate and up projections are one fused matrix `w_in` = [gate; up], so one
     matmul reads the input once.
     """
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
-        self.kind = config.mlp
+        self.kind, self.gated = config.mlp, config.gated_mlp
         hidden = config.ff_dim
-        n_in = 2 * hidden if self.kind == "swiglu" else hidden
+        n_in = 2 * hidden if self.gated else hidden
         self.w_in = Linear(config.d_model, n_in, bias=config.bias)
         self.w_out = Linear(hidden, config.d_model, bias=config.bias)
 
@@ -105,6 +134,9 @@ class MLP(nn.Module):
         if self.kind == "swiglu":
             gate, up = h.chunk(2, dim=-1)
             h = F.silu(gate) * up
+        elif self.gated:
+            gate, up = h.chunk(2, dim=-1)
+            h = ACTIVATIONS[self.kind](gate) * up
         else:
-            h = F.gelu(h, approximate="tanh" if self.kind == "gelu_tanh" else "none")
+            h = ACTIVATIONS[self.kind](h)
         return self.w_out(h)

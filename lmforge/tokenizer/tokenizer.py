@@ -56,6 +56,10 @@ class Tokenizer:
             backend = tokenizers.Tokenizer.from_file(str(file))
         except Exception as e:  # the Rust side raises a bare Exception for every failure
             raise CheckpointError(f"cannot load tokenizer from {file}: {e}") from None
+        # A tokenizer.json may carry a pipeline's padding/truncation (all-MiniLM-L6-v2 pads every
+        # text to 128): encode() returns a text's own ids; batching pads and cuts explicitly.
+        backend.no_padding()
+        backend.no_truncation()
         config_file = file.parent / "tokenizer_config.json"
         config: dict[str, Any] = {}
         if config_file.is_file():

@@ -24,6 +24,7 @@ from torch import nn
 
 from lmforge.errors import ConfigError
 from lmforge.model.attention import build_mask
+from lmforge.model.config import PLAIN
 from lmforge.train.objectives import IGNORE_INDEX
 
 
@@ -48,6 +49,17 @@ class Stage(nn.Module):
 
     def __init__(self, model: nn.Module, index: int, stages: int) -> None:
         super().__init__()
+        # A stage replays the plain causal decoder's forward (embedding, causal mask, RoPE or
+        # learned positions, pre-norm blocks): other architectures would be silently wrong.
+        c = model.config
+        other = [f"{k}={getattr(c, k)!r}" for k, plain in PLAIN.items() if getattr(c, k) != plain]
+        if c.position not in ("rope", "learned"):
+            other.append(f"position={c.position!r}")
+        if other:
+            raise ConfigError(
+                "pipeline parallelism runs the plain causal decoder (RoPE or learned positions); "
+                f"this model has {', '.join(other)}"
+            )
         per_stage = model.config.n_layers // stages
         first = index * per_stage
         self.is_first, self.is_last = index == 0, index == stages - 1

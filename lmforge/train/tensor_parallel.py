@@ -32,7 +32,7 @@ def fused_row_orders(config, tp: int) -> dict[str, torch.Tensor]:
     """For each fused weight (by its name inside a block), the tensor-parallel row order."""
     q, kv = config.n_heads * config.dim_head, config.kv_heads * config.dim_head
     orders = {"attn.qkv": _rank_major_order([q, kv, kv], tp)}
-    if config.mlp == "swiglu":
+    if config.gated_mlp:  # SwiGLU / GeGLU: w_in is [gate; up]
         orders["mlp.w_in"] = _rank_major_order([config.ff_dim, config.ff_dim], tp)
     return orders
 
