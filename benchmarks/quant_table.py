@@ -98,10 +98,14 @@ def main() -> None:
     fp32, tokenizer = lmforge.load(path), lmforge.load_tokenizer(path)
     calibration = calibration_tokens(tokenizer, args.calibration_samples, args.seq_len)
     if args.held_out and Path(args.held_out).is_dir():  # token shards: the validation split
-        tokens = np.concatenate([
-            np.fromfile(Path(args.held_out, s["file"]), dtype=read_index(args.held_out)["dtype"])
-            for s in read_index(args.held_out)["splits"]["validation"]
-        ])
+        tokens = np.concatenate(
+            [
+                np.fromfile(
+                    Path(args.held_out, s["file"]), dtype=read_index(args.held_out)["dtype"]
+                )
+                for s in read_index(args.held_out)["splits"]["validation"]
+            ]
+        )
         need = args.eval_samples * (args.seq_len + 1)
         if len(tokens) < need:
             sys.exit(f"{args.held_out}: {len(tokens)} validation tokens, need {need}")
