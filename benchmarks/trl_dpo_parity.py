@@ -113,7 +113,7 @@ def main() -> None:
             rows.append((f"{name}, {tokens}-token completions", ours, trl[name], trl["trl"]))
     print("| loss | lmforge | TRL | abs. difference |")
     print("|---|---:|---:|---:|")
-    for name, ours, theirs, version in rows:
+    for name, ours, theirs, _ in rows:
         print(f"| {name} | {ours:.8f} | {theirs:.8f} | {abs(ours - theirs):.1e} |")
     print(f"TRL {rows[0][3]}")
 
