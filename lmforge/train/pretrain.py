@@ -1,9 +1,11 @@
-"""`lmforge pretrain`: causal-LM pre-training of a Transformer on token shards."""
+"""`lmforge pretrain`: pre-training of a Transformer on token shards with any objective of
+lmforge.train.objectives (causal LM, prefix LM, span corruption, UL2, masked LM + NSP)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import torch
 
@@ -11,6 +13,13 @@ from lmforge.config import field_, save_yaml
 from lmforge.errors import ConfigError
 from lmforge.model import ModelConfig, Transformer
 from lmforge.train import distributed
+from lmforge.train.objectives import (
+    ObjectiveBatches,
+    ObjectiveOptions,
+    check_objective,
+    objective_batches,
+    objective_loss,
+)
 from lmforge.train.trainer import TrainConfig, Trainer
 
 
@@ -20,6 +29,14 @@ class PretrainConfig:
 
     model: ModelConfig = field_(ModelConfig(), "architecture of the model to train")
     train: TrainConfig = field_(TrainConfig(), "optimisation and bookkeeping")
+    objective: Literal["causal", "prefix", "span", "ul2", "mlm"] = field_(
+        "causal",
+        "causal LM, prefix LM, T5 span corruption, UL2 mixture of denoisers, or masked LM (+ NSP "
+        "when model.nsp_head); all read the same shards (docs/objectives.md)",
+    )
+    objective_options: ObjectiveOptions = field_(
+        ObjectiveOptions(), "settings of the prefix/span/ul2/mlm objectives"
+    )
     data: str = field_("", "token shard directory written by `lmforge data tokenize`")
     tokenizer: str = field_(
         "", "tokenizer saved with the model (default: the one in the shard dir)"
@@ -32,6 +49,9 @@ class PretrainConfig:
         "would; under torchrun itself the world size comes from torchrun)",
         ge=1,
     )
+
+    def validate(self) -> None:
+        check_objective(self.objective, self.model, self.objective_options)
 
 
 def check_fit(model_config: ModelConfig, train: TrainConfig, vocab_size: int, source: str) -> None:
@@ -100,5 +120,25 @@ def _pretrain(config: PretrainConfig, env: distributed.DistEnv) -> dict:
     if env.is_main:
         out.mkdir(parents=True, exist_ok=True)
         save_yaml(config, out / "run.yaml")  # not config.yaml: that name marks a model dir
-    trainer = Trainer(model, config.train, train_data, out, val_data=val_data, tokenizer=tokenizer)
+    extra = {}
+    if config.objective != "causal" or config.model.arch != "causal":
+        if config.train.parallel == "pp":
+            raise ConfigError(
+                f"objective={config.objective!r} with model.arch={config.model.arch!r} cannot "
+                "run under train.parallel=pp (the pipeline schedule feeds causal-LM batches)"
+            )
+        train_data, val_data = (
+            objective_batches(
+                config.objective,
+                config.model,
+                data,
+                tokenizer=tokenizer,
+                options=config.objective_options,
+            )
+            for data in (train_data, val_data)
+        )
+        extra = {"objective": objective_loss, "tokens_per_batch": ObjectiveBatches.tokens_in}
+    trainer = Trainer(
+        model, config.train, train_data, out, val_data=val_data, tokenizer=tokenizer, **extra
+    )
     return trainer.fit()
