@@ -248,6 +248,9 @@ def pattern_mask(
 
 
 _FLEX = {"compiled": None, "failed": False}
+# Block masks by pattern (the fields attention_pattern reads), length, causality and device.
+_PATTERN_FIELDS = ("attention", "window", "sparse_block", "sparse_pattern", "sparse_summary")
+_BLOCK_MASKS: dict[tuple, object] = {}
 
 
 class FlexMask:
@@ -262,8 +265,17 @@ class FlexMask:
             prefix = None if prefix_len is None else prefix_len[b]
             return attention_pattern(config, q, k, causal=causal, prefix=prefix)
 
-        batch = None if prefix_len is None else prefix_len.shape[0]
-        self.block_mask = create_block_mask(mask_mod, batch, None, T, T, device=device)
+        if prefix_len is None:
+            # Same pattern, length and device: the same mask (every layer and step reuses it).
+            key = (*(getattr(config, f) for f in _PATTERN_FIELDS), T, causal, str(device))
+            if key not in _BLOCK_MASKS:
+                if len(_BLOCK_MASKS) >= 32:
+                    _BLOCK_MASKS.pop(next(iter(_BLOCK_MASKS)))
+                _BLOCK_MASKS[key] = _block_mask(mask_mod, T, device)
+            self.block_mask = _BLOCK_MASKS[key]
+        else:  # per-row prefixes: flex's own builder (it evaluates every pair once)
+            batch = prefix_len.shape[0]
+            self.block_mask = create_block_mask(mask_mod, batch, None, T, T, device=device)
         self.config, self.T, self.causal, self.prefix_len = config, T, causal, prefix_len
 
     def dense(self, device) -> torch.Tensor:
@@ -291,6 +303,35 @@ class FlexMask:
             rep = q.shape[1] // k.shape[1]
             k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+
+
+def _block_mask(mask_mod, T: int, device, block: int = 128):
+    """flex_attention's BlockMask for a pattern shared by every row and head, built one row of
+    query tiles at a time: memory O(block * T) where create_block_mask (uncompiled) first
+    evaluates all T^2 pairs at once. Tiles with no allowed pair are skipped by the kernel,
+    tiles where every pair is allowed skip the mask, the rest apply `mask_mod`."""
+    from torch.nn.attention.flex_attention import BlockMask
+
+    n = -(-T // block)
+    keys = torch.arange(n * block, device=device)
+    partial = torch.zeros(n, n, dtype=torch.bool, device=device)
+    full = torch.zeros(n, n, dtype=torch.bool, device=device)
+    zero = torch.zeros((), dtype=torch.long, device=device)
+    for i in range(n):
+        q = torch.arange(i * block, (i + 1) * block, device=device)[:, None]
+        allowed = mask_mod(zero, zero, q, keys[None, :]) & (keys < T) & (q < T)
+        tiles = allowed.view(block, n, block)
+        some, every = tiles.any(dim=(0, 2)), tiles.all(dim=2).all(dim=0)
+        full[i], partial[i] = every, some & ~every
+
+    def indices(tiles: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # The kernel reads the first count[i] entries of row i's index list.
+        order = torch.argsort((~tiles).to(torch.int8), dim=-1, stable=True)
+        return tiles.sum(-1).to(torch.int32)[None, None], order.to(torch.int32)[None, None]
+
+    return BlockMask.from_kv_blocks(
+        *indices(partial), *indices(full), BLOCK_SIZE=block, mask_mod=mask_mod, seq_lengths=(T, T)
+    )
 
 
 def softcapped_attention(
