@@ -293,7 +293,10 @@ class Transformer(nn.Module):
         if position == "learned":
             x = x + self.pos_embed(position_ids)
         elif position == "sinusoidal":
-            x = x + sinusoidal_table(position_ids, self.config.d_model).to(x.dtype)
+            # Vaswani et al. 2017, Sec. 3.4: embeddings times sqrt(d_model) before the fixed
+            # unit-amplitude table is added; at init std 0.02 the table would drown the tokens.
+            d = self.config.d_model
+            x = x * math.sqrt(d) + sinusoidal_table(position_ids, d).to(x.dtype)
         if hasattr(self, "type_embed"):
             if token_type_ids is None:
                 token_type_ids = torch.zeros_like(input_ids)
