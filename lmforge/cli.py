@@ -26,6 +26,7 @@ def _commands() -> dict[str, tuple[type, Callable[[Any], Any], str]]:
     from lmforge.experiments import registry as runs
     from lmforge.experiments.sweep import SweepConfig as SearchConfig
     from lmforge.experiments.sweep import sweep_command as search_command
+    from lmforge.model_describe import DescribeConfig, describe_command
     from lmforge.run import RunConfig, run
     from lmforge.scaling.commands import (
         FitConfig,
@@ -39,11 +40,13 @@ def _commands() -> dict[str, tuple[type, Callable[[Any], Any], str]]:
         ChatConfig,
         ConvertConfig,
         GenerateConfig,
+        ServeConfig,
         TokenizeConfig,
         TokenizerTrainConfig,
         chat,
         convert,
         generate_text,
+        serve,
         tokenize_corpus,
         train_tokenizer,
     )
@@ -59,8 +62,14 @@ def _commands() -> dict[str, tuple[type, Callable[[Any], Any], str]]:
             "clean, de-duplicate, redact, mix a corpus",
         ),
         "pretrain": (PretrainConfig, pretrain, "pre-train a model on token shards"),
+        "model describe": (
+            DescribeConfig,
+            describe_command,
+            "parameters, FLOPs/token and training memory of a recipe",
+        ),
         "generate": (GenerateConfig, generate_text, "continue prompts with a model"),
         "chat": (ChatConfig, chat, "a chat REPL with a model"),
+        "serve": (ServeConfig, serve, "an OpenAI-compatible HTTP server for a model"),
         "convert": (
             ConvertConfig,
             convert,
@@ -114,6 +123,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"lmforge {name}: {doc}\n\n{cls.__doc__}\n\noptions:\n{help_text(cls)}")
         return 0
     yaml_path = args.pop(0) if args and not args[0].startswith("--") else None
+    positional = getattr(cls, "POSITIONAL", None)
+    if positional and yaml_path is not None:  # e.g. `lmforge model describe gpt2-124m`
+        args, yaml_path = [f"--{positional}={yaml_path}", *args], None
     try:
         fn(build(cls, yaml_path, args))
     except (LmforgeError, ValueError) as e:

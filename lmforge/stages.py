@@ -148,17 +148,74 @@ class ChatConfig:
     system: str = field_("", "system prompt")
     sampling: SamplingConfig = field_(SamplingConfig(max_new_tokens=256), "decoding settings")
     device: str = field_("cpu", "cpu or cuda")
+    cot: Literal["none", "zeroshot", "fewshot"] = field_(
+        "none", "chain-of-thought: 'Let's think step by step' or arithmetic exemplars"
+    )
+    self_consistency: int = field_(1, "sampled answers per reply, majority vote (1: off)", ge=1)
+    tools: list[str] = field_([], "tools the model may call: calculator, retrieval")
+    docs: str = field_("", "folder of .txt/.md files the retrieval tool searches")
 
 
 def chat(config: ChatConfig) -> None:
     from lmforge.infer.chat import ChatSession, repl
+    from lmforge.infer.tools import make_tools
     from lmforge.loading import load, load_tokenizer
 
     if not config.model:
         raise ConfigError("give --model=PATH")
+    tools = make_tools(config.tools, config.docs or None)  # a bad folder fails before loading
     model, tokenizer = load(config.model, device=config.device), load_tokenizer(config.model)
-    session = ChatSession(model, tokenizer, _sampling_params(config.sampling), system=config.system)
+    session = ChatSession(
+        model,
+        tokenizer,
+        _sampling_params(config.sampling),
+        system=config.system,
+        cot=config.cot,
+        self_consistency=config.self_consistency,
+        tools=tools,
+    )
+    session.docs = config.docs or None
     repl(session)
+
+
+@dataclass
+class ServeConfig:
+    """Serve a model over an OpenAI-compatible HTTP API (/v1/chat/completions, /v1/completions,
+    /v1/models) with streaming; requests from all clients are batched by one engine."""
+
+    model: str = field_("", "checkpoint, run, Hugging Face directory, GGUF file or 'smollm2'")
+    host: str = field_("127.0.0.1", "address to listen on (beyond localhost needs --api-key)")
+    port: int = field_(8000, "TCP port", ge=1, le=65535)
+    api_key: str = field_("", "require 'Authorization: Bearer KEY' (default: $LMFORGE_API_KEY)")
+    name: str = field_("", "model id clients pass as 'model' (default: the file or folder name)")
+    max_batch: int = field_(8, "requests decoded together at most", ge=1)
+    max_context: int = field_(0, "context window in tokens (0: the model's)", ge=0)
+    max_n: int = field_(16, "largest n (and self_consistency) a request may ask for", ge=1)
+    max_tokens: int = field_(256, "max_tokens when a request gives none", ge=1)
+    docs: str = field_("", "folder of .txt/.md files for the retrieval tool")
+    device: str = field_("cpu", "cpu or cuda")
+
+
+def serve(config: ServeConfig) -> None:
+    import os
+
+    from lmforge.infer.server import serve as run_server
+
+    if not config.model:
+        raise ConfigError("give --model=PATH")
+    run_server(
+        config.model,
+        host=config.host,
+        port=config.port,
+        api_key=config.api_key or os.environ.get("LMFORGE_API_KEY") or None,
+        name=config.name,
+        device=config.device,
+        max_batch=config.max_batch,
+        max_context=config.max_context or None,
+        max_n=config.max_n,
+        default_max_tokens=config.max_tokens,
+        docs=config.docs or None,
+    )
 
 
 @dataclass

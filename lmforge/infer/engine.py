@@ -27,6 +27,8 @@ class EngineStats:
     prefix_tokens_reused: int = 0  # prompt tokens whose keys/values came from the prefix cache
     decode_steps: int = 0  # batched forward passes of one token per active request
     generated_tokens: int = 0
+    peak_active: int = 0  # most requests decoded together in one step (batching at work)
+    cancelled: int = 0  # requests dropped by `cancel` before they finished
 
 
 class Request:
@@ -49,6 +51,7 @@ class Request:
         self.next_token = -1  # the last sampled token, fed to the next decode step
         self._sent = 0  # characters (or tokens, without a tokenizer) handed out so far
         self._done = threading.Event()
+        self.cancelled = False  # set by Engine.cancel; the request leaves at the next step
 
     @property
     def finished(self) -> bool:
@@ -128,6 +131,7 @@ class Engine:
         self._queue_lock = threading.Lock()
         self._step_lock = threading.Lock()
         self._active: list[Request] = []  # slot i holds _active[i]; slots stay contiguous
+        self._cancel_pending = False
 
     @property
     def max_context(self) -> int:
@@ -150,12 +154,21 @@ class Engine:
         """Admit waiting requests into free slots (prefill), then advance every active request
         by one token in one forward pass; return the requests that finished."""
         with self._step_lock, torch.inference_mode():
-            finished = self._admit()
+            finished = self._drop_cancelled() if self._cancel_pending else []
+            finished += self._admit()
             if self._active:
+                self.stats.peak_active = max(self.stats.peak_active, len(self._active))
                 finished += self._decode()
         for request in finished:
             request._done.set()
         return finished
+
+    def cancel(self, request: Request) -> None:
+        """Stop a request early (e.g. its client went away): at the next step it leaves the queue
+        or frees its slot, with finish_reason "cancelled". Thread-safe; finished ones are kept."""
+        if not request.finished:
+            request.cancelled = True
+            self._cancel_pending = True
 
     def has_work(self) -> bool:
         with self._queue_lock:
@@ -233,6 +246,21 @@ class Engine:
             request.seen = torch.zeros(1, vocab, dtype=torch.bool, device=self.device)
             request.seen[0, prompt] = True
         return request
+
+    def _drop_cancelled(self) -> list[Request]:
+        # Cleared before the scan, so a cancel that lands during it is seen at the next step.
+        self._cancel_pending = False
+        with self._queue_lock:
+            dropped = [r for r in self._queue if r.cancelled]
+            self._queue = deque(r for r in self._queue if not r.cancelled)
+        for slot in reversed(range(len(self._active))):  # high slots first, as in _decode
+            if self._active[slot].cancelled:
+                dropped.append(self._active[slot])
+                self._release(slot)
+        for request in dropped:
+            request.seq.finish_reason = "cancelled"
+        self.stats.cancelled += len(dropped)
+        return dropped
 
     def _admit(self) -> list[Request]:
         """Prefill waiting requests into free slots; sample each one's first token."""
