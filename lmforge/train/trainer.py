@@ -891,6 +891,14 @@ class Trainer:
                     mfu=f"{100 * mfu:.0f}%",
                     refresh=False,
                 )
+                if bar.disable and env.is_main:  # no terminal (CI, nohup): a plain log line
+                    val = f" val_loss {val_loss:.3f}" if "val_loss" in record else ""
+                    print(
+                        f"step {self.step}/{c.steps} loss {loss:.3f}{val} "
+                        f"{window_rate:,.0f} tok/s mfu {100 * mfu:.0f}%",
+                        file=sys.stderr,
+                        flush=True,
+                    )
                 window_start, window_tokens = time.perf_counter(), 0
             if last or (c.save_every and self.step % c.save_every == 0):
                 self.save_checkpoint()

@@ -102,15 +102,19 @@ def test_exact_resume_equals_uninterrupted_run(tmp_path):
         assert torch.equal(v1, v2), k
 
 
-def test_training_reduces_loss_and_writes_run_dir(tmp_path):
+def test_training_reduces_loss_and_writes_run_dir(tmp_path, capsys):
     summary = Trainer(
         small_model(dropout=0.0),
-        config(steps=30, lr=3e-2, save_every=10),
+        config(steps=30, lr=3e-2, save_every=10, log_every=10, eval_every=10),
         PatternData(),
         tmp_path,
         val_data=PatternData(),
     ).fit()
     rec = losses(tmp_path)
+    # Without a terminal (captured here) progress is a plain line every log_every steps.
+    logged = [x for x in capsys.readouterr().err.splitlines() if x.startswith("step ")]
+    assert [x.split()[1] for x in logged] == ["10/30", "20/30", "30/30"]
+    assert f"loss {rec[9][1]:.3f} val_loss {rec[9][2]:.3f}" in logged[0]
     assert rec[-1][1] < 0.5 * rec[0][1]
     assert summary["final_val_loss"] < math.log(50) / 2
     assert summary["tokens_seen"] == 30 * 4 * 16
