@@ -3,9 +3,9 @@
 import copy
 
 import pytest
-import yaml
 import torch
 import torch.nn.functional as F
+import yaml
 
 from lmforge.adapt.peft import LoRAConfig, PeftConfig, add_adapter, merge_lora
 from lmforge.compress import nf4
