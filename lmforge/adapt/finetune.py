@@ -1,7 +1,8 @@
 """`lmforge finetune`: classic fine-tuning (seed 001, 微调): a small task head on a pre-trained
 model, the embeddings and lower blocks frozen, the head and top blocks trained. Sequence
 classification, regression and token classification (BIO tags, span-level F1) on any lmforge
-model, encoder (BERT, Devlin et al. 2019) or decoder; ULMFiT's gradual unfreezing and
+model, encoder (BERT, Devlin et al. 2019) or decoder; extractive span QA (start/end logits,
+SQuAD exact match and F1, Rajpurkar et al. 2016); ULMFiT's gradual unfreezing and
 discriminative learning rates (Howard & Ruder 2018)."""
 
 from __future__ import annotations
@@ -9,7 +10,10 @@ from __future__ import annotations
 import csv
 import json
 import random
+import re
+import string
 import time
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -22,7 +26,7 @@ from torch import nn
 from lmforge.config import field_, save_yaml, to_dict
 from lmforge.errors import ConfigError, CorpusError
 
-Task = Literal["classification", "regression", "tagging"]
+Task = Literal["classification", "regression", "tagging", "qa"]
 Pooling = Literal["cls", "mean", "last"]
 IGNORE = -100  # labels of positions without a target (padding, later word pieces)
 
@@ -78,6 +82,18 @@ class TokenHead(nn.Module):
         return self.classifier(self.drop(hidden))
 
 
+class SpanHead(nn.Module):
+    """Start and end logits (B, T, 2) of an answer span in the context (BertForQuestionAnswering:
+    one linear layer over each token, Devlin et al. 2019, Sec. 4.2)."""
+
+    def __init__(self, d_model: int) -> None:
+        super().__init__()
+        self.qa_outputs = nn.Linear(d_model, 2)
+
+    def forward(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self.qa_outputs(hidden)
+
+
 def hidden_states(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Final hidden states (B, T, d) of any lmforge model: an encoder's (no MLM transform), or
     a decoder's output-layer input (the vocabulary projection is skipped)."""
@@ -104,6 +120,8 @@ def make_head(model: nn.Module, task: Task, n_labels: int, pooling: Pooling) -> 
     d = model.config.d_model
     if task == "tagging":
         return TokenHead(d, n_labels)
+    if task == "qa":
+        return SpanHead(d)
     # A BERT checkpoint with a pooler loads it as nsp_head.pooler; reuse it for [CLS] pooling.
     pooler = model.nsp_head.pooler if pooling == "cls" and hasattr(model, "nsp_head") else None
     return SequenceHead(d, 1 if task == "regression" else n_labels, pooling, pooler)
@@ -182,11 +200,13 @@ class Item:
     tokens: list[str] | None = None
     tags: list[str] | None = None
     where: str = ""
+    answer_start: int | None = None  # qa: character offset of the answer (label) in text_pair
 
 
 def read_items(path: str | Path, task: Task) -> list[Item]:
-    """Items of a CSV (header: text[,text_pair],label or tokens,tags as space-separated strings)
-    or JSONL file (the same fields; tokens and tags may be lists)."""
+    """Items of a CSV (header: text[,text_pair],label or tokens,tags as space-separated strings,
+    or context,question,answer[,answer_start]) or JSONL file (the same fields; tokens and tags
+    may be lists)."""
     path = Path(path)
     if path.suffix == ".csv":
         with path.open(newline="", encoding="utf-8") as f:
@@ -198,6 +218,8 @@ def read_items(path: str | Path, task: Task) -> list[Item]:
 
 
 def _item(row: dict, where: str, task: Task) -> Item:
+    if task == "qa":
+        return _qa_item(row, where)
     need = ("tokens", "tags") if task == "tagging" else ("text", "label")
     missing = [k for k in need if row.get(k) in (None, "")]
     if missing:
@@ -218,9 +240,26 @@ def _item(row: dict, where: str, task: Task) -> Item:
     return Item(tokens=tokens, tags=tags, where=where)
 
 
+def _qa_item(row: dict, where: str) -> Item:
+    """question (text), context (text_pair), answer (label) found in the context at
+    answer_start, or at its first occurrence when no offset is given."""
+    missing = [k for k in ("context", "question", "answer") if row.get(k) in (None, "")]
+    if missing:
+        raise CorpusError(f"{where}: missing {', '.join(missing)} (a qa item needs them)")
+    context, answer = row["context"], row["answer"]
+    start = row.get("answer_start")
+    start = context.find(answer) if start in (None, "") else int(start)
+    if start < 0 or context[start : start + len(answer)] != answer:
+        raise CorpusError(
+            f"{where}: answer {answer!r} is not inside its context"
+            + ("" if row.get("answer_start") in (None, "") else f" at answer_start {start}")
+        )
+    return Item(row["question"], context, answer, where=where, answer_start=start)
+
+
 def build_label_map(items: list[Item], task: Task) -> list[str]:
     """Sorted labels (or tags) of the training items; regression has none."""
-    if task == "regression":
+    if task in ("regression", "qa"):
         return []
     found = (
         {t for it in items for t in it.tags} if task == "tagging" else {it.label for it in items}
@@ -240,13 +279,15 @@ SUBJECTS = ["the film", "the book", "this meal", "the concert", "our trip", "tha
 FIRST = ["anna", "omar", "li", "maria", "john", "priya", "kenji"]
 LAST = ["smith", "garcia", "chen", "okafor", "rossi", "tanaka"]
 CITIES = ["paris", "lagos", "tokyo", "lima", "oslo", "cairo", "denver"]
+JOBS = ["baker", "nurse", "pilot", "teacher", "farmer", "painter"]
 FILLER = ["today", "went", "to", "met", "in", "with", "and", "visited", "later", "from"]
 
 
 def toy_items(task: Task, n: int, seed: int = 0) -> list[Item]:
     """A rule-generated set that runs offline. classification: the sentiment of one opinion
     word ("the film was great, really" -> positive); tagging: person names (first [last]) and
-    cities among filler words, tagged B-PER/I-PER/B-LOC/O."""
+    cities among filler words, tagged B-PER/I-PER/B-LOC/O; qa: a three-sentence context and a
+    question on where someone lives or what they do (a distractor sentence names another city)."""
     rng = random.Random(seed)
     items = []
     for i in range(n):
@@ -272,6 +313,17 @@ def toy_items(task: Task, n: int, seed: int = 0) -> list[Item]:
                     tokens.append(rng.choice(FILLER))
                     tags.append("O")
             items.append(Item(tokens=tokens, tags=tags, where=where))
+        elif task == "qa":
+            name, city, job = rng.choice(FIRST), rng.choice(CITIES), rng.choice(JOBS)
+            facts = [f"{name} lives in {city} .", f"{name} works as a {job} ."]
+            rng.shuffle(facts)
+            context = " ".join([f"{rng.choice(FIRST)} likes {rng.choice(CITIES)} .", *facts])
+            question, answer = rng.choice(
+                [(f"where does {name} live ?", city), (f"what is {name} 's job ?", job)]
+            )
+            fact = next(f for f in facts if f" {answer} " in f" {f} ")
+            start = context.index(fact) + fact.index(answer)
+            items.append(Item(question, context, answer, where=where, answer_start=start))
         else:
             raise ConfigError(f"no rule-generated set for task {task!r}: give data files")
     return items
@@ -302,6 +354,8 @@ def encode_item(item: Item, tokenizer, task: Task, labels: dict[str, int], max_l
             targets += [label_id(labels, tag, item)] + [IGNORE] * (len(pieces) - 1)
         ids, targets = ids + end, targets + [IGNORE] * len(end)
         return {"ids": ids[:max_len], "types": [0] * len(ids[:max_len]), "y": targets[:max_len]}
+    if task == "qa":
+        return _encode_qa(item, tokenizer, start, end, max_len)
     ids = start + tokenizer.encode(item.text) + end
     types = [0] * len(ids)
     if item.text_pair is not None:
@@ -309,6 +363,30 @@ def encode_item(item: Item, tokenizer, task: Task, labels: dict[str, int], max_l
         ids, types = ids + second, types + [1] * len(second)
     y = item.label if task == "regression" else label_id(labels, str(item.label), item)
     return {"ids": ids[:max_len], "types": types[:max_len], "y": y}
+
+
+def _encode_qa(item: Item, tokenizer, start: list[int], end: list[int], max_len: int) -> dict:
+    """[CLS] question [SEP] context [SEP] with the answer's token span as the target. The context
+    is encoded as before-answer, answer, after-answer pieces, so the span is exact in tokens
+    (at word boundaries this equals encoding the context whole)."""
+    context, a = item.text_pair, item.answer_start
+    before, answer, after = context[:a], item.label, context[a + len(item.label) :]
+    question = start + tokenizer.encode(item.text) + end
+    pre = tokenizer.encode(before.rstrip()) if before.strip() else []
+    span = tokenizer.encode((" " if before[-1:].isspace() and pre else "") + answer)
+    tail = tokenizer.encode(after)
+    ids = question + pre + span + tail + end
+    first = len(question) + len(pre)
+    if not span or first + len(span) > max_len:
+        raise CorpusError(f"{item.where}: the answer does not fit in max_len {max_len} tokens")
+    types = [0] * len(question) + [1] * (len(ids) - len(question))
+    return {
+        "ids": ids[:max_len],
+        "types": types[:max_len],
+        "y": [first, first + len(span) - 1],
+        "answer": answer,
+        "context": [len(question), min(first + len(span) + len(tail), max_len)],
+    }
 
 
 def collate(rows: list[dict], pad_id: int, task: Task) -> dict[str, torch.Tensor]:
@@ -327,6 +405,8 @@ def collate(rows: list[dict], pad_id: int, task: Task) -> dict[str, torch.Tensor
     }
     if task == "tagging":
         batch["labels"] = pad("y", IGNORE)
+    elif task == "qa":
+        batch["labels"] = torch.tensor([r["y"] for r in rows])  # (B, 2): start, end
     else:
         dtype = torch.float32 if task == "regression" else torch.long
         batch["labels"] = torch.tensor([r["y"] for r in rows], dtype=dtype)
@@ -334,6 +414,9 @@ def collate(rows: list[dict], pad_id: int, task: Task) -> dict[str, torch.Tensor
 
 
 def task_loss(logits: torch.Tensor, labels: torch.Tensor, task: Task) -> torch.Tensor:
+    if task == "qa":  # mean of the start and end cross-entropies (BERT's SQuAD loss)
+        start = F.cross_entropy(logits[..., 0].float(), labels[:, 0])
+        return (start + F.cross_entropy(logits[..., 1].float(), labels[:, 1])) / 2
     if task == "regression":
         return F.mse_loss(logits.squeeze(-1).float(), labels)
     return F.cross_entropy(logits.flatten(0, -2).float(), labels.flatten(), ignore_index=IGNORE)
@@ -363,11 +446,46 @@ def span_f1(gold: list[list[str]], predicted: list[list[str]]) -> float:
     return 2 * tp / (n_gold + n_pred) if n_gold + n_pred else 1.0
 
 
+def normalize_answer(text: str) -> str:
+    """SQuAD's answer normalisation: lower case, no punctuation, no articles, single spaces."""
+    text = "".join(c for c in text.lower() if c not in set(string.punctuation))
+    return " ".join(re.sub(r"\b(a|an|the)\b", " ", text).split())
+
+
+def squad_f1(prediction: str, gold: str) -> float:
+    """Token-overlap F1 of normalised answers (Rajpurkar et al. 2016's evaluation script)."""
+    p, g = normalize_answer(prediction).split(), normalize_answer(gold).split()
+    common = sum((Counter(p) & Counter(g)).values())
+    if not p or not g:
+        return float(p == g)
+    if common == 0:
+        return 0.0
+    precision, recall = common / len(p), common / len(g)
+    return 2 * precision * recall / (precision + recall)
+
+
+def best_span(start: torch.Tensor, end: torch.Tensor, context: torch.Tensor, longest: int = 30):
+    """(i, j) maximising start[i] + end[j] over context tokens with i <= j < i + longest."""
+    scores = start[:, None] + end[None, :]
+    T = len(start)
+    i, j = torch.arange(T)[:, None], torch.arange(T)[None, :]
+    ok = (j >= i) & (j < i + longest) & context[:, None] & context[None, :]
+    flat = int(scores.masked_fill(~ok, float("-inf")).argmax())
+    return flat // T, flat % T
+
+
 @torch.no_grad()
 def evaluate(
-    model: TaskModel, rows: list[dict], task: Task, labels: list[str], pad_id: int, batch_size=32
+    model: TaskModel,
+    rows: list[dict],
+    task: Task,
+    labels: list[str],
+    pad_id: int,
+    batch_size=32,
+    decode=None,
 ) -> dict[str, float]:
-    """accuracy (classification), mse (regression), or span_f1 and token accuracy (tagging)."""
+    """accuracy (classification), mse (regression), span_f1 and token accuracy (tagging), or
+    SQuAD exact_match and f1 of the decoded best spans (qa; needs `decode`, ids -> text)."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
@@ -379,6 +497,16 @@ def evaluate(
         }
         logits = model(batch)
         y = batch["labels"]
+        if task == "qa":
+            for row, lg in zip(rows[i : i + batch_size], logits, strict=True):
+                context = torch.zeros(len(lg), dtype=torch.bool)
+                context[row["context"][0] : row["context"][1]] = True  # no question, no [SEP]
+                a, b = best_span(lg[:, 0].float().cpu(), lg[:, 1].float().cpu(), context)
+                text = decode(row["ids"][a : b + 1]).strip()
+                right += int(normalize_answer(text) == normalize_answer(row["answer"]))
+                squares += squad_f1(text, row["answer"])
+                total += 1
+            continue
         if task == "regression":
             squares += float(((logits.squeeze(-1).float() - y) ** 2).sum())
             total += len(y)
@@ -395,6 +523,8 @@ def evaluate(
     model.train(was_training)
     if task == "regression":
         return {"mse": squares / max(total, 1)}
+    if task == "qa":
+        return {"exact_match": right / max(total, 1), "f1": squares / max(total, 1)}
     out = {"accuracy": right / max(total, 1)}
     if task == "tagging":
         out["span_f1"] = span_f1(gold, predicted)
@@ -488,9 +618,13 @@ class FinetuneConfig:
     """Fine-tune a model with a task head: classification, regression or BIO tagging."""
 
     model: str = field_("", "model: lmforge checkpoint or run, Hugging Face directory")
-    task: Task = field_("classification", "classification, regression or tagging (BIO tags)")
+    task: Task = field_(
+        "classification", "classification, regression, tagging (BIO tags) or qa (extractive)"
+    )
     data: str = field_(
-        "", "training file: CSV/JSONL of text[,text_pair],label or tokens,tags (empty: toy set)"
+        "",
+        "training file: CSV/JSONL of text[,text_pair],label; tokens,tags; or "
+        "context,question,answer[,answer_start] (empty: toy set)",
     )
     eval_data: str = field_("", "held-out file in the same format (empty: split off test_fraction)")
     test_fraction: float = field_(
@@ -537,7 +671,7 @@ def finetune(config: FinetuneConfig) -> dict:
     torch.manual_seed(config.seed)
     net = TaskModel(model, make_head(model, task, len(labels), config.pooling))
     net.to(torch.device(config.device))
-    before = evaluate(net, test_rows, task, labels, pad_id)
+    before = evaluate(net, test_rows, task, labels, pad_id, decode=tokenizer.decode)
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
     save_yaml(config, out / "finetune.yaml")
@@ -558,7 +692,7 @@ def finetune(config: FinetuneConfig) -> dict:
             log=lambda r: f.write(json.dumps(r) + "\n"),
         )
         seconds = time.perf_counter() - start
-    after = evaluate(net, test_rows, task, labels, pad_id)
+    after = evaluate(net, test_rows, task, labels, pad_id, decode=tokenizer.decode)
     net.eval()
     save_model(model, out / "model", tokenizer=tokenizer)
     save_file(
@@ -579,7 +713,7 @@ def finetune(config: FinetuneConfig) -> dict:
         "config": to_dict(config),
     }
     (out / "metrics.json").write_text(json.dumps(result, indent=1))
-    key = "mse" if task == "regression" else "span_f1" if task == "tagging" else "accuracy"
+    key = {"regression": "mse", "tagging": "span_f1", "qa": "exact_match"}.get(task, "accuracy")
     print(f"{task}: held-out {key} {before[key]:.3f} -> {after[key]:.3f} ({seconds:.1f} s); {out}")
     return result
 

@@ -1,5 +1,5 @@
-"""Task heads against transformers' BertForSequenceClassification / BertForTokenClassification
-(fp32, random weights, 1e-4), freezing (bit-identical frozen weights, optimizer state only for
+"""Task heads against transformers' BertForSequenceClassification / BertForTokenClassification /
+BertForQuestionAnswering (fp32, random weights, 1e-4), SQuAD scoring, freezing (bit-identical frozen weights, optimizer state only for
 trained ones, gradual unfreezing, layer-wise rates), data errors, and `lmforge finetune` on the
 rule-generated sets with a tiny model."""
 
@@ -186,8 +186,8 @@ def test_span_f1_counts_exact_spans():
 
 
 # ---- the command on the rule-generated sets ---------------------------------------------------
-def word_tokenizer() -> Tokenizer:
-    words = ft.POSITIVE + ft.NEGATIVE + ft.FIRST + ft.LAST + ft.CITIES + ft.FILLER
+def word_tokenizer(extra: list[str] = ()) -> Tokenizer:
+    words = ft.POSITIVE + ft.NEGATIVE + ft.FIRST + ft.LAST + ft.CITIES + ft.FILLER + list(extra)
     words += [w for s in ft.SUBJECTS for w in s.split()] + [
         "was",
         "really",
@@ -236,3 +236,65 @@ def test_finetune_command_learns_the_toy_task(task, arch, pooling, key, target, 
     ]
     metrics = ft.evaluate(net, rows, task, saved_labels, pad_id=0)
     assert metrics[key] == pytest.approx(result["after"][key])  # the saved model scores the same
+
+
+# ---- extractive QA ----------------------------------------------------------------------------
+def test_span_head_matches_bert_for_question_answering(tmp_path):
+    ours, ref = ours_and_ref(tmp_path, "BertForQuestionAnswering")
+    head = ft.make_head(ours, "qa", 0, "cls")
+    head.qa_outputs.load_state_dict(ref.qa_outputs.state_dict())
+    net = ft.TaskModel(ours, head).eval()
+    batch = bert_batch()
+    with torch.no_grad():
+        got, out = net(batch), ref(**batch)
+        torch.testing.assert_close(got[0, :, 0], out.start_logits[0], atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(got[0, :, 1], out.end_logits[0], atol=1e-4, rtol=1e-4)
+
+
+def test_squad_normalisation_and_f1():
+    assert ft.normalize_answer("The  Eiffel Tower!") == "eiffel tower"
+    assert ft.squad_f1("the eiffel tower", "Eiffel Tower") == 1.0
+    # 2 common tokens, precision 2/3, recall 2/2: F1 = 2 * (2/3) / (2/3 + 1) = 0.8
+    assert ft.squad_f1("big eiffel tower", "eiffel tower") == pytest.approx(0.8)
+    assert ft.squad_f1("paris", "lyon") == 0.0
+    start, end = torch.tensor([0.0, 5.0, 1.0, 9.0]), torch.tensor([0.0, 1.0, 8.0, 2.0])
+    context = torch.tensor([False, True, True, True])
+    # (3, 2) would score 9 + 8 but ends before it starts; (1, 2) scores 5 + 8 = 13
+    assert ft.best_span(start, end, context) == (1, 2)
+    assert ft.best_span(start, end, context, longest=1) == (3, 3)  # one token: 9 + 2
+
+
+def test_qa_items_name_an_answer_outside_the_context(tmp_path):
+    bad = tmp_path / "qa.jsonl"
+    bad.write_text(
+        json.dumps({"context": "anna lives in oslo .", "question": "where ?", "answer": "oslo"})
+        + "\n"
+        + json.dumps({"context": "anna lives in oslo .", "question": "where ?", "answer": "lima"})
+        + "\n"
+    )
+    with pytest.raises(CorpusError, match=r"qa.jsonl:2: answer 'lima' is not inside its context"):
+        ft.read_items(bad, "qa")
+    bad.write_text(
+        json.dumps({"context": "oslo", "question": "q", "answer": "oslo", "answer_start": 2}) + "\n"
+    )
+    with pytest.raises(CorpusError, match="at answer_start 2"):
+        ft.read_items(bad, "qa")
+
+
+def test_finetune_command_learns_toy_extractive_qa(tmp_path):
+    tok = word_tokenizer(
+        ft.JOBS
+        + ["lives", "in", "works", "as", "a", "likes", "where", "does", "live"]
+        + ["what", "is", "'", "s", "job", "?", "."]
+    )
+    item = ft.toy_items("qa", 1)[0]
+    row = ft.encode_item(item, tok, "qa", {}, 64)
+    a, b = row["y"]
+    assert tok.decode(row["ids"][a : b + 1]).strip() == item.label  # the target span is exact
+    save_model(tiny("encoder", vocab=128), tmp_path / "base", tokenizer=tok)
+    out = tmp_path / "out"
+    args = [f"--model={tmp_path / 'base'}", "--task=qa", f"--out={out}", "--steps=150"]
+    args += ["--lr=3e-3", "--toy_items=300", "--batch_size=32"]
+    assert main(["finetune", *args]) == 0
+    result = json.loads((out / "metrics.json").read_text())
+    assert result["after"]["exact_match"] >= 0.9 > result["before"]["exact_match"]
