@@ -13,7 +13,9 @@ from lmforge.errors import LmforgeError
 
 
 def _commands() -> dict[str, tuple[type, Callable[[Any], Any], str]]:
+    from lmforge.adapt.contrastive import EmbedConfig, embed_command
     from lmforge.adapt.dpo import DPOConfig, dpo
+    from lmforge.adapt.finetune import FinetuneConfig, finetune
     from lmforge.adapt.ppo import PPOConfig, ppo
     from lmforge.adapt.rejection import RejectionConfig, rejection
     from lmforge.adapt.reward import RewardConfig, reward_command
@@ -80,9 +82,11 @@ def _commands() -> dict[str, tuple[type, Callable[[Any], Any], str]]:
         "plan": (PlanConfig, plan_command, "compute-optimal model and data size for a budget"),
         "eval": (EvalConfig, eval_command, "evaluate a model on tasks (results.json, samples)"),
         "sft": (SFTConfig, sft, "instruction-tune a model: full, LoRA, adapter, prefix, prompt"),
+        "embed": (EmbedConfig, embed_command, "mean-pooled sentence embeddings of a file of texts"),
         "reward": (RewardConfig, reward_command, "train a reward model on preference pairs"),
         "dpo": (DPOConfig, dpo, "align a model on preference pairs with DPO or IPO"),
         "ppo": (PPOConfig, ppo, "RLHF with PPO (value head, KL penalty) or GRPO"),
+        "finetune": (FinetuneConfig, finetune, "task head + freezing: classify, regress, tag"),
         "rejection": (RejectionConfig, rejection, "best-of-n rejection-sampling fine-tuning"),
         "sweep": (SearchConfig, search_command, "hyperparameter search over any command (Optuna)"),
         "runs list": (runs.RunsListConfig, runs.list_command, "list and filter run directories"),
