@@ -154,6 +154,9 @@ class ChatConfig:
     self_consistency: int = field_(1, "sampled answers per reply, majority vote (1: off)", ge=1)
     tools: list[str] = field_([], "tools the model may call: calculator, retrieval")
     docs: str = field_("", "folder of .txt/.md files the retrieval tool searches")
+    embedder: str = field_(
+        "", "encoder checkpoint whose sentence embeddings rank --docs passages (default: BM25)"
+    )
 
 
 def chat(config: ChatConfig) -> None:
@@ -163,7 +166,11 @@ def chat(config: ChatConfig) -> None:
 
     if not config.model:
         raise ConfigError("give --model=PATH")
-    tools = make_tools(config.tools, config.docs or None)  # a bad folder fails before loading
+    from lmforge.infer.server import load_embedder
+
+    embed = load_embedder(config.embedder) if config.embedder else None
+    # A bad folder fails before the model loads.
+    tools = make_tools(config.tools, config.docs or None, embed=embed)
     model, tokenizer = load(config.model, device=config.device), load_tokenizer(config.model)
     session = ChatSession(
         model,
@@ -174,7 +181,7 @@ def chat(config: ChatConfig) -> None:
         self_consistency=config.self_consistency,
         tools=tools,
     )
-    session.docs = config.docs or None
+    session.docs, session.embed = config.docs or None, embed
     repl(session)
 
 
@@ -193,6 +200,9 @@ class ServeConfig:
     max_n: int = field_(16, "largest n (and self_consistency) a request may ask for", ge=1)
     max_tokens: int = field_(256, "max_tokens when a request gives none", ge=1)
     docs: str = field_("", "folder of .txt/.md files for the retrieval tool")
+    embedder: str = field_(
+        "", "encoder checkpoint whose sentence embeddings rank --docs passages (default: BM25)"
+    )
     device: str = field_("cpu", "cpu or cuda")
 
 
@@ -215,6 +225,7 @@ def serve(config: ServeConfig) -> None:
         max_n=config.max_n,
         default_max_tokens=config.max_tokens,
         docs=config.docs or None,
+        embedder=config.embedder or None,
     )
 
 

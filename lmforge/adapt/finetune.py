@@ -285,9 +285,11 @@ FILLER = ["today", "went", "to", "met", "in", "with", "and", "visited", "later",
 
 def toy_items(task: Task, n: int, seed: int = 0) -> list[Item]:
     """A rule-generated set that runs offline. classification: the sentiment of one opinion
-    word ("the film was great, really" -> positive); tagging: person names (first [last]) and
-    cities among filler words, tagged B-PER/I-PER/B-LOC/O; qa: a three-sentence context and a
-    question on where someone lives or what they do (a distractor sentence names another city)."""
+    word ("the film was great, really" -> positive); regression: that sign times one plus the
+    number of "very" before the word ("the film was very very bad" -> -3.0); tagging: person
+    names (first [last]) and cities among filler words, tagged B-PER/I-PER/B-LOC/O; qa: a
+    three-sentence context and a question on where someone lives or what they do (a distractor
+    sentence names another city)."""
     rng = random.Random(seed)
     items = []
     for i in range(n):
@@ -313,6 +315,13 @@ def toy_items(task: Task, n: int, seed: int = 0) -> list[Item]:
                     tokens.append(rng.choice(FILLER))
                     tags.append("O")
             items.append(Item(tokens=tokens, tags=tags, where=where))
+        elif task == "regression":
+            # A score in [-3, 3]: the opinion's sign times how many intensifiers precede it.
+            sign = rng.choice([1, -1])
+            k = rng.randint(1, 3)
+            word = rng.choice(POSITIVE if sign > 0 else NEGATIVE)
+            text = f"{rng.choice(SUBJECTS)} was {'very ' * (k - 1)}{word}"
+            items.append(Item(text, label=float(sign * k), where=where))
         elif task == "qa":
             name, city, job = rng.choice(FIRST), rng.choice(CITIES), rng.choice(JOBS)
             facts = [f"{name} lives in {city} .", f"{name} works as a {job} ."]

@@ -125,6 +125,7 @@ class ChatSession:
         self.cot, self.self_consistency, self.tools = cot, self_consistency, list(tools)
         self.last_info: dict = {}
         self.docs: str | None = None  # the folder /tools retrieval searches
+        self.embed = None  # texts -> unit vectors ranking those passages (None: BM25)
         stops = (*params.stop_token_ids, *end_of_turn_ids(tokenizer))
         self.params = replace(params, stop_token_ids=tuple(dict.fromkeys(stops)))
         self.system = system
@@ -249,7 +250,7 @@ def set_method(session: ChatSession, command: str, arg: str) -> str:
         session.self_consistency = n
         return f"(self-consistency: {n} samples)" if n > 1 else "(self-consistency off)"
     names = [] if arg in ("", "off", "none") else [a.strip() for a in arg.split(",")]
-    session.tools = make_tools(names, session.docs)
+    session.tools = make_tools(names, session.docs, embed=session.embed)
     return f"(tools: {', '.join(names) or 'off'})"
 
 

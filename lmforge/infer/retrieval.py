@@ -85,11 +85,19 @@ def load_passages(folder: str | Path) -> list[Passage]:
 
 
 class PassageIndex:
-    """BM25 over the paragraphs of a folder: `search(query, k)` returns the best passages."""
+    """The paragraphs of a folder, ranked for a query by BM25, or with `embed` (texts -> unit
+    vectors, e.g. lmforge.adapt.contrastive.Embedder) by cosine similarity of sentence
+    embeddings (dense retrieval, Karpukhin et al. 2020), which also matches paraphrases that
+    share no words with the query."""
 
-    def __init__(self, folder: str | Path) -> None:
+    def __init__(self, folder: str | Path, embed=None) -> None:
         self.passages = load_passages(folder)
         self.bm25 = BM25([p.text for p in self.passages])
+        self.embed = embed
+        self.vectors = embed([p.text for p in self.passages]) if embed is not None else None
 
     def search(self, query: str, k: int = 1) -> list[Passage]:
-        return [self.passages[i] for i, s in self.bm25.top(query, k) if s > 0]
+        if self.vectors is None:
+            return [self.passages[i] for i, s in self.bm25.top(query, k) if s > 0]
+        scores = self.vectors @ self.embed([query])[0]
+        return [self.passages[i] for i in scores.argsort()[::-1][:k]]

@@ -288,12 +288,14 @@ class Server:
         max_n: int = 16,
         default_max_tokens: int = 256,
         docs: str | None = None,
+        embed=None,
     ) -> None:
         self.tokenizer, self.name, self.api_key = tokenizer, name, api_key or None
         self.engine = Engine(model, tokenizer, max_batch=max_batch, max_context=max_context)
         self.worker = EngineWorker(self.engine)
         self.max_n, self.default_max_tokens = max_n, default_max_tokens
-        self.retrieval = retrieval_tool(docs) if docs else None  # a bad folder fails at startup
+        # A bad folder fails at startup; `embed` (texts -> unit vectors) ranks passages densely.
+        self.retrieval = retrieval_tool(docs, embed=embed) if docs else None
         self.chat_stops = end_of_turn_ids(tokenizer)
         self.created = int(time.time())
 
@@ -761,6 +763,14 @@ def _choice_body(i: int, r: Choice, plan: Plan, chat: bool) -> dict:
     return out
 
 
+def load_embedder(path: str):
+    """Sentence embeddings (texts -> unit vectors) of the encoder checkpoint at `path`."""
+    from lmforge.adapt.contrastive import Embedder
+    from lmforge.loading import load, load_tokenizer
+
+    return Embedder(load(path), load_tokenizer(path))
+
+
 def serve(
     model_path: str,
     *,
@@ -784,6 +794,8 @@ def serve(
         )
     model, tokenizer = load(model_path, device=device), load_tokenizer(model_path)
     name = name or model_path.rstrip("/").split("/")[-1].removesuffix(".gguf")
-    server = Server(model, tokenizer, name=name, api_key=api_key, **limits)
+    embedder = limits.pop("embedder", None)
+    embed = load_embedder(embedder) if embedder else None
+    server = Server(model, tokenizer, name=name, api_key=api_key, embed=embed, **limits)
     print(f"serving {name!r} on http://{host}:{port}/v1 (OpenAI-compatible)", flush=True)
     uvicorn.run(create_app(server), host=host, port=port, log_level="warning")

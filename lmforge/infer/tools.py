@@ -145,10 +145,11 @@ CALCULATOR = Tool(
 )
 
 
-def retrieval_tool(folder: str | Path, k: int = 1, max_chars: int = 600) -> Tool:
+def retrieval_tool(folder: str | Path, k: int = 1, max_chars: int = 600, embed=None) -> Tool:
     """A tool that returns the k paragraphs of `folder` (.txt/.md files) that best match the
-    query by BM25; a missing folder fails here, when the tool is made."""
-    index = PassageIndex(folder)
+    query by BM25, or by sentence-embedding similarity with `embed` (texts -> unit vectors); a
+    missing folder fails here, when the tool is made."""
+    index = PassageIndex(folder, embed)
 
     def search(query: str) -> str:
         found = index.search(query, k)
@@ -165,8 +166,8 @@ def retrieval_tool(folder: str | Path, k: int = 1, max_chars: int = 600) -> Tool
     )
 
 
-def make_tools(names: Sequence[str], folder: str | Path | None = None) -> list[Tool]:
-    """Tools by name: "calculator", "retrieval" (needs `folder`)."""
+def make_tools(names: Sequence[str], folder: str | Path | None = None, embed=None) -> list[Tool]:
+    """Tools by name: "calculator", "retrieval" (needs `folder`; ranks by `embed` if given)."""
     tools = []
     for name in names:
         if name == "calculator":
@@ -174,7 +175,7 @@ def make_tools(names: Sequence[str], folder: str | Path | None = None) -> list[T
         elif name == "retrieval":
             if not folder:
                 raise LmforgeError("the retrieval tool needs a folder of .txt/.md documents")
-            tools.append(retrieval_tool(folder))
+            tools.append(retrieval_tool(folder, embed=embed))
         else:
             raise LmforgeError(f"unknown tool {name!r}; known: calculator, retrieval")
     return tools

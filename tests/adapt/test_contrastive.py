@@ -150,3 +150,36 @@ def test_embedder_drives_similar_demo_selection(minilm):
     assert select_demos(query, pool, 1, method="similar")[0][1] != "b"
     embedder = Embedder(model, tokenizer)
     assert select_demos(query, pool, 1, method="similar", embed=embedder) == [pool[1]]
+
+
+@needs_minilm
+def test_retrieval_tool_ranks_passages_by_embeddings(tmp_path, minilm):
+    """With an embedder the retrieval tool finds a paraphrase that shares no content word with
+    the query, which BM25 cannot score at all."""
+    from lmforge.infer.tools import retrieval_tool
+
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs" / "notes.md").write_text(
+        "The shop opens at nine and closes at five.\n\n"
+        "Our cat sleeps on the sofa all afternoon.\n\n"
+        "Parking is free for customers behind the building.\n"
+    )
+    query = "store opening times"
+    bm25 = retrieval_tool(tmp_path / "docs")
+    dense = retrieval_tool(tmp_path / "docs", embed=Embedder(minilm[1], minilm[2]))
+    assert bm25.run(query) == "no matching passage"
+    assert dense.run(query) == "The shop opens at nine and closes at five."
+
+
+def test_embed_cli_on_an_lmforge_encoder_checkpoint(make_model, tokenizer, tmp_path):
+    from lmforge.train.checkpoint import save_model
+
+    model = make_model(arch="encoder")
+    save_model(model, tmp_path / "enc", tokenizer=tokenizer)
+    texts = tmp_path / "texts.txt"
+    texts.write_text("item 1 costs 4 coins\nitem 2 weighs 3 kg\n")
+    out = tmp_path / "v.npy"
+    assert main(["embed", f"--model={tmp_path / 'enc'}", f"--input={texts}", f"--out={out}"]) == 0
+    vectors = np.load(out)
+    want = Embedder(lmforge.load(tmp_path / "enc"), tokenizer)(texts.read_text().splitlines())
+    np.testing.assert_allclose(vectors, want, atol=1e-6)

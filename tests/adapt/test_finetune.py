@@ -298,3 +298,24 @@ def test_finetune_command_learns_toy_extractive_qa(tmp_path):
     assert main(["finetune", *args]) == 0
     result = json.loads((out / "metrics.json").read_text())
     assert result["after"]["exact_match"] >= 0.9 > result["before"]["exact_match"]
+
+
+def test_finetune_regression_on_the_toy_set_and_on_a_hugging_face_bert(tmp_path):
+    """Regression on the rule-generated scores; and the command on a Hugging Face BERT directory
+    (config.json + safetensors, as transformers saves it)."""
+    transformers = pytest.importorskip("transformers")
+    tok = word_tokenizer(["very"])
+    save_model(tiny("encoder", vocab=96), tmp_path / "base", tokenizer=tok)
+    args = [f"--model={tmp_path / 'base'}", "--task=regression", f"--out={tmp_path / 'reg'}"]
+    assert main(["finetune", *args, "--steps=200", "--lr=3e-3", "--toy_items=300"]) == 0
+    result = json.loads((tmp_path / "reg" / "metrics.json").read_text())
+    # The scores span -3..3 (variance ~4.7): a tenth of it left means the intensity was learned.
+    assert result["after"]["mse"] < 0.5 < result["before"]["mse"]
+
+    config = transformers.BertConfig(**{**BERT_SIZES, "vocab_size": tok.vocab_size})
+    randomize(transformers.BertModel(config)).save_pretrained(tmp_path / "hf")
+    tok.save(tmp_path / "hf")
+    args = [f"--model={tmp_path / 'hf'}", "--task=classification", f"--out={tmp_path / 'cls'}"]
+    assert main(["finetune", *args, "--steps=40", "--lr=1e-3", "--toy_items=200"]) == 0
+    result = json.loads((tmp_path / "cls" / "metrics.json").read_text())
+    assert result["after"]["accuracy"] >= 0.9
