@@ -155,7 +155,9 @@ class ChatConfig:
     tools: list[str] = field_([], "tools the model may call: calculator, retrieval")
     docs: str = field_("", "folder of .txt/.md files the retrieval tool searches")
     embedder: str = field_(
-        "", "encoder checkpoint whose sentence embeddings rank --docs passages (default: BM25)"
+        "",
+        "encoder checkpoint whose sentence embeddings rank --docs passages and few-shot "
+        "demonstrations (default: BM25)",
     )
 
 
@@ -201,7 +203,9 @@ class ServeConfig:
     max_tokens: int = field_(256, "max_tokens when a request gives none", ge=1)
     docs: str = field_("", "folder of .txt/.md files for the retrieval tool")
     embedder: str = field_(
-        "", "encoder checkpoint whose sentence embeddings rank --docs passages (default: BM25)"
+        "",
+        "encoder checkpoint whose sentence embeddings rank --docs passages and few-shot "
+        "demonstrations (default: BM25)",
     )
     device: str = field_("cpu", "cpu or cuda")
 

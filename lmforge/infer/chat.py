@@ -125,7 +125,8 @@ class ChatSession:
         self.cot, self.self_consistency, self.tools = cot, self_consistency, list(tools)
         self.last_info: dict = {}
         self.docs: str | None = None  # the folder /tools retrieval searches
-        self.embed = None  # texts -> unit vectors ranking those passages (None: BM25)
+        # texts -> unit vectors ranking those passages and similar demonstrations (None: BM25)
+        self.embed = None
         stops = (*params.stop_token_ids, *end_of_turn_ids(tokenizer))
         self.params = replace(params, stop_token_ids=tuple(dict.fromkeys(stops)))
         self.system = system
@@ -166,7 +167,9 @@ class ChatSession:
         if self.cot == "fewshot":  # the exemplars nearest to the question (Liu et al. 2022)
             pool = arithmetic_cot_demos(calculator=CALCULATOR in self.tools)
             question = self.turns[-1]["content"] if self.turns else ""
-            demos = select_demos(question, pool, 4, method="similar", order="similar_last")
+            demos = select_demos(
+                question, pool, 4, method="similar", order="similar_last", embed=self.embed
+            )
         messages, continuation = with_methods(
             self.messages, demos=demos, tools=self.tools, zero_shot_cot=self.cot == "zeroshot"
         )

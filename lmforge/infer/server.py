@@ -294,7 +294,9 @@ class Server:
         self.engine = Engine(model, tokenizer, max_batch=max_batch, max_context=max_context)
         self.worker = EngineWorker(self.engine)
         self.max_n, self.default_max_tokens = max_n, default_max_tokens
-        # A bad folder fails at startup; `embed` (texts -> unit vectors) ranks passages densely.
+        # A bad folder fails at startup. `embed` (texts -> unit vectors) ranks the retrieval
+        # tool's passages and similar demonstrations by embedding similarity instead of BM25.
+        self.embed = embed
         self.retrieval = retrieval_tool(docs, embed=embed) if docs else None
         self.chat_stops = end_of_turn_ids(tokenizer)
         self.created = int(time.time())
@@ -330,8 +332,9 @@ class Server:
         else:
             return []
         k = min(options.shots, len(pool))
+        # Similarity by the server's sentence embeddings when it has an --embedder, else BM25.
         return prompting.select_demos(
-            query, pool, k, method=options.select, order=options.order, seed=0
+            query, pool, k, method=options.select, order=options.order, seed=0, embed=self.embed
         )
 
     def _params(self, body: CommonRequest, max_tokens: int | None, prompt_len: int, chat: bool):

@@ -10,11 +10,12 @@ import time
 import urllib.error
 import urllib.request
 
+import numpy as np
 import pytest
 import torch
 
 from lmforge.errors import LmforgeError
-from lmforge.infer.server import Server, create_app, serve
+from lmforge.infer.server import Demo, LmforgeOptions, Server, create_app, serve
 from lmforge.model import ModelConfig, Transformer
 from lmforge.tokenizer import train_bpe
 
@@ -421,3 +422,22 @@ def test_smollm2_answers_through_the_openai_client():
     finally:
         uv.should_exit = True
         thread.join(timeout=10)
+
+
+def test_similar_demonstrations_follow_the_servers_embedder(served):
+    """With an --embedder, "similar" demonstrations are the nearest by embedding, not by BM25."""
+    server = served[0]
+    demos = [Demo(input="the cat sat", output="a"), Demo(input="ocean waves", output="b")]
+    options = LmforgeOptions(demos=demos, shots=1, select="similar")
+    # BM25 prefers the word overlap ("cat"); this stand-in embedder maps the query next to
+    # "ocean waves" (vectors: query and that demo along x, the other along y).
+    assert server._demos("cat in the sea", options, [])[0][0] == "the cat sat"
+
+    def embed(texts):
+        return np.array([[0.0, 1.0] if t == "the cat sat" else [1.0, 0.0] for t in texts])
+
+    server.embed = embed
+    try:
+        assert server._demos("cat in the sea", options, [])[0][0] == "ocean waves"
+    finally:
+        server.embed = None
