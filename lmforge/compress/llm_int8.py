@@ -26,6 +26,19 @@ def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return t.q, t.scale.squeeze(-1)
 
 
+def register_int8_weight(
+    layer: nn.Module, in_features: int, out_features: int, bias: bool, device
+) -> None:
+    """The buffers of a per-output-channel int8 weight (`qweight`, `scale`) and optional `bias`
+    that `store_int8_weight` fills: LLM.int8()'s and W8A8's layers hold the same."""
+    layer.in_features, layer.out_features = in_features, out_features
+    layer.register_buffer(
+        "qweight", torch.zeros(out_features, in_features, dtype=torch.int8, device=device)
+    )
+    layer.register_buffer("scale", torch.ones(out_features, device=device))
+    layer.register_buffer("bias", torch.zeros(out_features, device=device) if bias else None)
+
+
 def store_int8_weight(layer: nn.Module, w: torch.Tensor, bias: torch.Tensor | None) -> None:
     """Write `w` into `layer.qweight` / `layer.scale` as symmetric per-output-channel int8 (the
     weight half of LLM.int8() and of W8A8), and copy the bias."""
@@ -49,13 +62,8 @@ class LLMInt8Linear(nn.Module):
         device=None,
     ) -> None:
         super().__init__()
-        self.in_features, self.out_features = in_features, out_features
-        self.register_buffer(
-            "qweight", torch.zeros(out_features, in_features, dtype=torch.int8, device=device)
-        )
-        self.register_buffer("scale", torch.ones(out_features, device=device))
+        register_int8_weight(self, in_features, out_features, bias, device)
         self.register_buffer("threshold", torch.tensor(float(threshold), device=device))
-        self.register_buffer("bias", torch.zeros(out_features, device=device) if bias else None)
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, threshold: float = DEFAULT_THRESHOLD) -> LLMInt8Linear:

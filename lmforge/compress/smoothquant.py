@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from lmforge.compress.llm_int8 import quantize_rows, store_int8_weight
+from lmforge.compress.llm_int8 import quantize_rows, register_int8_weight, store_int8_weight
 from lmforge.compress.quantize import int8_matmul
 
 DEFAULT_ALPHA = 0.5
@@ -38,13 +38,8 @@ class W8A8Linear(nn.Module):
         self, in_features: int, out_features: int, *, bias: bool = False, device=None
     ) -> None:
         super().__init__()
-        self.in_features, self.out_features = in_features, out_features
-        self.register_buffer(
-            "qweight", torch.zeros(out_features, in_features, dtype=torch.int8, device=device)
-        )
-        self.register_buffer("scale", torch.ones(out_features, device=device))
+        register_int8_weight(self, in_features, out_features, bias, device)
         self.register_buffer("smooth", torch.ones(in_features, device=device))
-        self.register_buffer("bias", torch.zeros(out_features, device=device) if bias else None)
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, smooth: torch.Tensor | None = None) -> W8A8Linear:
