@@ -183,6 +183,15 @@ def imperfect_sft(out: Path, tok, seed: int, steps: int = 400):
 EVAL = dict(eval_items=200, eval_harmful=28, kl_samples=64, max_new_tokens=8)
 
 
+def policy_gradient(out: Path, algo: str, seed: int, common: dict, **kw):
+    """A PPO/GRPO run of 20 iterations at a constant lr, as the quality table compares them."""
+    train = AlignTrainConfig(
+        steps=20, batch_size=16, lr=3e-5, seed=seed, warmup_steps=0, schedule="constant"
+    )
+    config = PPOConfig(model="sft", out=str(out), algo=algo, **common, **kw, train=train)
+    return lambda m, tok: ppo(config, model=m, tokenizer=tok)
+
+
 def methods(out: Path, seed: int, rm_path: str) -> dict:
     common = dict(method="full", levels=[1], harmful=68, **EVAL)
     data = PreferenceDataConfig(tasks=["comparison"], levels=[1], per_task=400, eval_per_task=50)
@@ -214,46 +223,12 @@ def methods(out: Path, seed: int, rm_path: str) -> dict:
             model=m,
             tokenizer=tok,
         ),
-        "PPO, verifier reward (20 iterations)": lambda m, tok: ppo(
-            PPOConfig(
-                model="sft",
-                out=str(out / "ppo"),
-                algo="ppo",
-                **common,
-                train=AlignTrainConfig(
-                    steps=20, batch_size=16, lr=3e-5, seed=seed, warmup_steps=0, schedule="constant"
-                ),
-            ),
-            model=m,
-            tokenizer=tok,
+        "PPO, verifier reward (20 iterations)": policy_gradient(out / "ppo", "ppo", seed, common),
+        "PPO, reward model (20 iterations)": policy_gradient(
+            out / "ppo_rm", "ppo", seed, common, reward="model", reward_model=rm_path
         ),
-        "PPO, reward model (20 iterations)": lambda m, tok: ppo(
-            PPOConfig(
-                model="sft",
-                out=str(out / "ppo_rm"),
-                algo="ppo",
-                reward="model",
-                reward_model=rm_path,
-                **common,
-                train=AlignTrainConfig(
-                    steps=20, batch_size=16, lr=3e-5, seed=seed, warmup_steps=0, schedule="constant"
-                ),
-            ),
-            model=m,
-            tokenizer=tok,
-        ),
-        "GRPO, verifier reward (20 iterations, group 4)": lambda m, tok: ppo(
-            PPOConfig(
-                model="sft",
-                out=str(out / "grpo"),
-                algo="grpo",
-                **common,
-                train=AlignTrainConfig(
-                    steps=20, batch_size=16, lr=3e-5, seed=seed, warmup_steps=0, schedule="constant"
-                ),
-            ),
-            model=m,
-            tokenizer=tok,
+        "GRPO, verifier reward (20 iterations, group 4)": policy_gradient(
+            out / "grpo", "grpo", seed, common
         ),
         "rejection sampling, best of 4, verifier": lambda m, tok: rejection(
             RejectionConfig(
