@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
+from lmforge.infer.fast_decode import fast_decoder
 from lmforge.infer.hugepages import move_to_huge_pages
 from lmforge.infer.prefix_cache import PrefixCache
 from lmforge.infer.sampling import SamplingParams, apply_repetition_penalty, sample_next
@@ -126,6 +127,9 @@ class Engine:
             model.config, max_batch, max_context, dtype=weight.dtype, device=weight.device
         )
         self.prefix_cache = PrefixCache(self.cache, prefix_cache_tokens, prefix_block)
+        # Decode steps of plain decoders run in C++ (after the huge-page move: it reads the
+        # model's tensors as they are now); None: the model's own forward.
+        self.fast = fast_decoder(model) if self.device.type == "cpu" else None
         self.stats = EngineStats()
         self._queue: deque[Request] = deque()
         self._queue_lock = threading.Lock()
@@ -289,8 +293,13 @@ class Engine:
     def _decode(self) -> list[Request]:
         """One token for every active request, in one forward pass over slots [0, n)."""
         active = self._active
-        tokens = torch.tensor([[r.next_token] for r in active], device=self.device)
-        logits = self.model(tokens, cache=self.cache.batch(0, len(active)), logits_to_keep=1)[:, -1]
+        batch = self.cache.batch(0, len(active))
+        if self.fast is not None and self.fast.current():
+            tokens = torch.tensor([r.next_token for r in active])
+            logits = self.fast.step(tokens, batch)
+        else:
+            tokens = torch.tensor([[r.next_token] for r in active], device=self.device)
+            logits = self.model(tokens, cache=batch, logits_to_keep=1)[:, -1]
         self.stats.decode_steps += 1
         done = [s for s, t in enumerate(self._sample(logits, active)) if self._push(active[s], t)]
         finished = [active[s] for s in done]
