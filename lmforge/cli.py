@@ -53,6 +53,7 @@ def _commands() -> dict[str, tuple[type, Callable[[Any], Any], str]]:
         train_tokenizer,
     )
     from lmforge.train.pretrain import PretrainConfig, pretrain
+    from lmforge.web.runs import UIConfig, ui_command
 
     return {
         "run": (RunConfig, run, "the whole pipeline on a small default, with a report card"),
@@ -94,6 +95,11 @@ def _commands() -> dict[str, tuple[type, Callable[[Any], Any], str]]:
         "runs best": (runs.RunsBestConfig, runs.best_command, "path of the best run by a metric"),
         "runs tag": (runs.RunsTagConfig, runs.tag_command, "add or remove tags of a run"),
         "runs delete": (runs.RunsDeleteConfig, runs.delete_command, "delete run directories"),
+        "ui": (
+            UIConfig,
+            ui_command,
+            "browse runs in a web page: curves, evaluations, data statistics",
+        ),
         "quantize": (
             QuantizeConfig,
             quantize_command,

@@ -208,6 +208,7 @@ class ServeConfig:
         "demonstrations (default: BM25)",
     )
     device: str = field_("cpu", "cpu or cuda")
+    ui: bool = field_(False, "also serve a chat page at / (see docs/web.md)")
 
 
 def serve(config: ServeConfig) -> None:
@@ -230,6 +231,7 @@ def serve(config: ServeConfig) -> None:
         default_max_tokens=config.max_tokens,
         docs=config.docs or None,
         embedder=config.embedder or None,
+        ui=config.ui,
     )
 
 

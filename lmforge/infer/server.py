@@ -47,6 +47,7 @@ from lmforge.infer.tools import (
     run_call,
     tool_instructions,
 )
+from lmforge.web import add_static
 
 log = logging.getLogger("lmforge.server")
 LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
@@ -537,8 +538,9 @@ def _tool_calls(call: ToolCall, tool: Tool, index: int) -> list[dict]:
     ]
 
 
-def create_app(server: Server) -> FastAPI:
-    """The FastAPI app over `server`; its engine thread runs while the app is up."""
+def create_app(server: Server, ui: bool = False) -> FastAPI:
+    """The FastAPI app over `server`; its engine thread runs while the app is up. With `ui`,
+    `/` is also a chat page over this same API (lmforge/web, docs/web.md)."""
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -723,6 +725,8 @@ def create_app(server: Server) -> FastAPI:
             for t in tasks:  # a disconnected client: cancelling frees the engine slots
                 t.cancel()
 
+    if ui:
+        add_static(app, "chat.html")
     return app
 
 
@@ -782,6 +786,7 @@ def serve(
     api_key: str | None = None,
     name: str = "",
     device: str = "cpu",
+    ui: bool = False,
     **limits,
 ) -> None:
     """Load a model and serve it until interrupted. Listening beyond this machine needs an API
@@ -801,4 +806,6 @@ def serve(
     embed = load_embedder(embedder) if embedder else None
     server = Server(model, tokenizer, name=name, api_key=api_key, embed=embed, **limits)
     print(f"serving {name!r} on http://{host}:{port}/v1 (OpenAI-compatible)", flush=True)
-    uvicorn.run(create_app(server), host=host, port=port, log_level="warning")
+    if ui:
+        print(f"chat page on http://{host}:{port}/", flush=True)
+    uvicorn.run(create_app(server, ui=ui), host=host, port=port, log_level="warning")
