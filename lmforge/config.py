@@ -157,6 +157,13 @@ def from_dict(cls: type[T], data: dict[str, Any], *, prefix: str = "") -> T:
         key = str(key).replace("-", "_")
         if key not in fields:
             raise _unknown_key(cls, key, prefix)
+        default = fields[key].default_factory  # a nested config's own default instance
+        if isinstance(value, dict) and default is not dataclasses.MISSING:
+            base = default()
+            if dataclasses.is_dataclass(base):
+                # `--train.steps=150` changes one field of the command's default TrainConfig
+                # (say `lmforge run`'s demo settings), not of the class defaults.
+                value = merge(to_dict(base), value)
         value = _coerce(value, hints[key], prefix + key)
         _check_bounds(value, fields[key].metadata, prefix + key)
         kwargs[key] = value

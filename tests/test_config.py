@@ -48,6 +48,28 @@ def test_nested_build_and_coercion():
     assert cfg.maybe == 7
 
 
+@dataclass
+class Command:
+    """A command whose nested section defaults to a non-default instance (like `lmforge run`'s
+    demo model and training settings)."""
+
+    inner: Inner = field_(Inner(rate=0.25, kind="b"), "tuned defaults")
+
+
+def test_overriding_one_nested_field_keeps_the_commands_other_defaults():
+    cfg = build(Command, None, ["--inner.rate=0.75"])
+    assert cfg.inner.rate == 0.75 and cfg.inner.kind == "b"  # not Inner's class default "a"
+    assert build(Command, None, []).inner == Inner(rate=0.25, kind="b")
+    from lmforge.run import RunConfig
+
+    run = build(RunConfig, None, ["--train.steps=150", "--model.n_layers=2"])
+    demo = RunConfig()
+    assert (run.train.steps, run.model.n_layers) == (150, 2)
+    assert run.train.time_limit_s == demo.train.time_limit_s > 0  # the demo's safety net stays
+    assert run.train.warmup_steps == demo.train.warmup_steps
+    assert run.model.vocab_size == demo.model.vocab_size
+
+
 def test_unknown_key_suggests_closest():
     with pytest.raises(
         ConfigError, match=r"unknown config key 'inner.rat'.*did you mean 'inner.rate'"
