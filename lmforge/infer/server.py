@@ -726,7 +726,7 @@ def create_app(server: Server, ui: bool = False) -> FastAPI:
                 t.cancel()
 
     if ui:
-        add_static(app, "chat.html")
+        add_static(app, "chat.html", local_only=server.api_key is None)
     return app
 
 

@@ -11,8 +11,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from fastapi import FastAPI, Request
-from fastapi.responses import FileResponse, Response
+from fastapi import FastAPI
+from fastapi.responses import FileResponse, JSONResponse, Response
+from starlette.datastructures import Headers, MutableHeaders
 
 STATIC = Path(__file__).parent / "static"
 
@@ -31,16 +32,52 @@ _TYPES = {
 }
 
 
-def add_security_headers(app: FastAPI) -> None:
-    """CSP, no MIME sniffing and no referrer on every response of `app`."""
+LOCAL_NAMES = ("localhost", "127.0.0.1", "[::1]", "::1")
 
-    @app.middleware("http")
-    async def headers(request: Request, call_next):
-        response = await call_next(request)
-        response.headers.setdefault("Content-Security-Policy", CSP)
-        response.headers.setdefault("X-Content-Type-Options", "nosniff")
-        response.headers.setdefault("Referrer-Policy", "no-referrer")
-        return response
+
+def _host_name(host: str) -> str:
+    """The name part of a Host header: 'localhost:8000' -> 'localhost', '[::1]:80' -> '[::1]'."""
+    if host.startswith("["):
+        return host[: host.find("]") + 1]
+    return host.rsplit(":", 1)[0] if host.count(":") == 1 else host
+
+
+class WebGuard:
+    """ASGI middleware of the web pages' apps: CSP, no MIME sniffing and no referrer on every
+    response, and, when `local_only` (no API key), a 403 for any Host header that does not
+    name this machine. Without that check a page on any web site could rebind its own domain
+    name to 127.0.0.1 (DNS rebinding) and read the runs or use the model through the victim's
+    browser. Pure ASGI rather than FastAPI's `@app.middleware("http")`: that wrapper hides a
+    client's disconnect from the server's handlers, which need it to cancel abandoned
+    generations."""
+
+    def __init__(self, app, local_only: bool) -> None:
+        self.app, self.local_only = app, local_only
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        if self.local_only:
+            host = Headers(scope=scope).get("host", "")
+            if _host_name(host.strip().lower()) not in LOCAL_NAMES:
+                refused = JSONResponse(
+                    {"error": {"message": "this server answers only requests to localhost"}},
+                    status_code=403,
+                )
+                return await refused(scope, receive, self._headers(send))
+        return await self.app(scope, receive, self._headers(send))
+
+    @staticmethod
+    def _headers(send):
+        async def with_headers(message):
+            if message["type"] == "http.response.start":
+                headers = MutableHeaders(scope=message)
+                headers.setdefault("Content-Security-Policy", CSP)
+                headers.setdefault("X-Content-Type-Options", "nosniff")
+                headers.setdefault("Referrer-Policy", "no-referrer")
+            await send(message)
+
+        return with_headers
 
 
 def static_file(name: str) -> Response:
@@ -54,8 +91,9 @@ def static_file(name: str) -> Response:
     return FileResponse(path, media_type=kind, headers={"Cache-Control": "no-cache"})
 
 
-def add_static(app: FastAPI, index: str) -> None:
-    """`/` serves `index` (an HTML file of static/), `/static/NAME` any file of static/."""
+def add_static(app: FastAPI, index: str, *, local_only: bool) -> None:
+    """`/` serves `index` (an HTML file of static/), `/static/NAME` any file of static/; every
+    response of `app` gets the WebGuard (`local_only`: the server has no API key)."""
 
     @app.api_route("/", methods=["GET", "HEAD"], include_in_schema=False)
     async def root():
@@ -65,4 +103,4 @@ def add_static(app: FastAPI, index: str) -> None:
     async def asset(name: str):
         return static_file(name)
 
-    add_security_headers(app)
+    app.add_middleware(WebGuard, local_only=local_only)

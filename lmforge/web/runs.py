@@ -957,7 +957,7 @@ def create_runs_app(root: str | Path, api_key: str | None = None) -> FastAPI:
     def compare(path: Annotated[list[str] | None, Query()] = None):
         return runs.compare(path or [])
 
-    add_static(app, "runs.html")
+    add_static(app, "runs.html", local_only=api_key is None)
     return app
 
 
