@@ -242,6 +242,8 @@ def parse_overrides(args: list[str]) -> dict[str, Any]:
                 raw = "true"
         try:
             value = yaml.safe_load(raw) if raw != "" else ""
+        except ValueError:  # a date-like value that is no date (2024-13-01): keep the text
+            value = raw
         except yaml.YAMLError as e:
             if raw.lstrip().startswith(("[", "{")):
                 # A list or mapping that does not parse would otherwise become one string.

@@ -70,6 +70,11 @@ def test_overriding_one_nested_field_keeps_the_commands_other_defaults():
     assert run.model.vocab_size == demo.model.vocab_size
 
 
+def test_a_value_that_looks_like_an_impossible_date_stays_text():
+    assert parse_overrides(["--name=2024-13-01"]) == {"name": "2024-13-01"}
+    assert build(Outer, None, ["--name=2024-13-01"]).name == "2024-13-01"
+
+
 def test_unknown_key_suggests_closest():
     with pytest.raises(
         ConfigError, match=r"unknown config key 'inner.rat'.*did you mean 'inner.rate'"
