@@ -546,16 +546,24 @@ class Trainer:
         self.data_skips = [tuple(s) for s in progress.get("data_skips", [])]
 
     def _truncate_metrics(self) -> None:
-        """Drop metric lines logged after the checkpoint we resume from (they will be redone)."""
+        """Drop metric lines logged after the checkpoint we resume from (they will be redone),
+        and lines that do not parse: a crash mid-write leaves its last line cut off. Rewritten
+        through a temporary file, so a second crash here cannot lose the kept lines."""
         path = self.out_dir / "metrics.jsonl"
         if not path.exists():
             return
-        kept = [
-            ln
-            for ln in path.read_text().splitlines()
-            if ln.strip() and json.loads(ln).get("step", 0) <= self.step
-        ]
-        path.write_text("".join(ln + "\n" for ln in kept))
+        kept = []
+        for line in path.read_text(errors="replace").splitlines():
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue
+            step = record.get("step", 0) if isinstance(record, dict) else None
+            if isinstance(step, (int, float)) and step <= self.step:
+                kept.append(line)
+        tmp = path.with_suffix(".jsonl.tmp")
+        tmp.write_text("".join(line + "\n" for line in kept))
+        tmp.replace(path)
 
     # ---- the loop ----------------------------------------------------------------------------
     def _autocast(self):

@@ -102,6 +102,28 @@ def test_exact_resume_equals_uninterrupted_run(tmp_path):
         assert torch.equal(v1, v2), k
 
 
+def test_resume_after_a_crash_mid_write_drops_the_cut_off_line(tmp_path):
+    """A crash while a metrics line was being written leaves it cut off; resuming keeps the
+    lines up to the checkpoint, drops that line, and the metrics end as an uninterrupted run's."""
+    straight = tmp_path / "straight"
+    Trainer(small_model(), config(), PatternData(), straight, val_data=PatternData()).fit()
+
+    class CrashingData(PatternData):
+        def get_batch(self, *args, step, **kw):
+            if step == 6:
+                raise KeyboardInterrupt
+            return super().get_batch(*args, step=step, **kw)
+
+    split = tmp_path / "split"
+    with pytest.raises(KeyboardInterrupt):
+        Trainer(small_model(), config(), CrashingData(), split, val_data=PatternData()).fit()
+    with open(split / "metrics.jsonl", "a") as f:
+        f.write('{"step": 6, "loss": 3.1')  # the line being written when the process died
+    resumed = Trainer(small_model(seed=99), config(), PatternData(), split, val_data=PatternData())
+    assert resumed.fit()["resumed_from"] == 4
+    assert [r[:2] for r in losses(split)] == [r[:2] for r in losses(straight)]
+
+
 def test_training_reduces_loss_and_writes_run_dir(tmp_path, capsys):
     summary = Trainer(
         small_model(dropout=0.0),
