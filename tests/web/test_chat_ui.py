@@ -3,7 +3,8 @@ against the real server app with a tiny random-weight model.
 
 Where a test needs known model text (Markdown, tool calls, votes, injection attempts) the
 server's engine round is replaced by a script; where it needs a real generation in flight (the
-streaming, stop and server-loss tests) the model is slowed down instead.
+streaming, stop and server-loss tests) the model is slowed down instead. Replies that the server
+never sends (a stream cut short, errors of other shapes) come from a stand-in API.
 """
 
 from __future__ import annotations
@@ -17,12 +18,14 @@ import urllib.request
 
 import pytest
 import torch
+from fastapi import FastAPI
+from fastapi.responses import JSONResponse, Response
 
 from lmforge.infer.sequence import Generation
 from lmforge.infer.server import Server, create_app
 from lmforge.model import ModelConfig, Transformer
 from lmforge.tokenizer import train_bpe
-from lmforge.web import STATIC
+from lmforge.web import STATIC, add_static
 
 try:
     from playwright.sync_api import expect
@@ -514,6 +517,170 @@ def test_markdown_renderer_edge_cases(page, served):
         '<a href="https://e.org/" target="_blank" rel="noopener noreferrer">e</a></p>'
     )
     assert page.errors == []
+
+
+# Inputs that took seconds to render (each opener searched on to the end of the text, or a regex
+# tried every split of a long run of blanks). None has any formatting to show: what comes out is
+# the text as written, blanks and the heading's and code span's markers aside.
+SLOW = [
+    "*a " * 20000,
+    "_a " * 20000,
+    "**a " * 20000,
+    "~~a " * 20000,
+    "[x](" * 20000,
+    "[" * 20000,
+    "![" * 20000,
+    "[x](a (" * 10000,
+    "[x](" * 10000 + " " * 30000,
+    "a\n" * 30000,
+    "a" + " " * 60000 + "x\nb",
+    "# a" + " " * 60000 + "x",
+    "|a|\n|-" + " " * 60000 + "x",
+    "` " + "a" * 60000 + "`",
+]
+
+
+def test_markdown_renderer_stays_fast_and_shallow(page, served):
+    _, url, _ = served
+    open_chat(page, url)
+    timings = page.evaluate(
+        r"""([cases]) => cases.map((text) => {
+            const start = performance.now();
+            const box = document.createElement("div");
+            box.append(window.LmMarkdown.render(text));
+            // An element: rendered, not the plain text that render() falls back to.
+            return [performance.now() - start, box.firstElementChild !== null,
+                    box.textContent.replace(/[\s#`]/g, "")];
+        })""",
+        [SLOW],
+    )
+    for text, (ms, rendered, shown) in zip(SLOW, timings):
+        assert ms < 1000, (text[:12], ms)  # about 20 ms each now
+        assert rendered and shown == re.sub(r"[\s#`]", "", text), text[:12]
+    # Quotes and lists nest 32 deep at most, the rest is plain text; before, 10 KB of them
+    # overflowed the stack. A tight item of 100,000 lines is whole too (its nodes were spread as
+    # arguments, another stack overflow).
+    nested = page.evaluate(
+        """([cases]) => cases.map(([text, tag]) => {
+            const box = document.createElement("div");
+            box.append(window.LmMarkdown.render(text, {breaks: true}));
+            return [box.querySelectorAll(tag).length, box.querySelectorAll("br").length,
+                    box.textContent.length];
+        })""",
+        [
+            [
+                ["> " * 5000, "blockquote"],
+                ["+ " * 5000, "ul"],
+                ["- " * 5000 + "x", "ul"],
+                ["1. " * 5000, "ol"],
+                ["- " + "a\n" * 100_000, "ul > li"],
+            ]
+        ],
+    )
+    assert [n for n, _, _ in nested] == [32, 32, 32, 32, 1]
+    assert nested[0][2] == len("> " * (5000 - 32))  # the rest, as written
+    assert nested[4][1:] == [99_999, 100_000]
+    # Whatever still fails leaves the text as written instead of an exception for the page.
+    fallback = page.evaluate(
+        """() => {
+            const fragment = window.LmMarkdown.render("[x](y) *z*", {
+                resolve: () => { throw new Error("resolver broke"); },
+            });
+            return [fragment.childNodes.length, fragment.firstChild.nodeType, fragment.textContent];
+        }"""
+    )
+    assert fallback == [1, 3, "[x](y) *z*"]
+    assert page.errors == []
+
+
+def test_deeply_nested_answer_renders_and_is_restored(page, served):
+    server, url, _ = served
+    Script(server, "> " * 5000)
+    open_chat(page, url)
+    send(page, "quote yourself")
+    answer = answered(page)
+    expect(answer.locator("blockquote")).to_have_count(32)
+    page.reload()
+    expect(page.get_by_test_id("status")).to_have_text("Ready.")
+    expect(page.locator(ASSISTANT).locator("blockquote")).to_have_count(32)
+    assert page.errors == []
+
+
+def test_answer_that_fails_to_render_shows_as_text(page, served):
+    server, url, _ = served
+    Script(server, "**bold** answer")
+    # A renderer that always throws, in place of markdown.js's (its assignment is ignored).
+    page.add_init_script(
+        """Object.defineProperty(window, "LmMarkdown", {
+            get: () => ({ render: () => { throw new Error("renderer broke"); } }),
+            set: () => {},
+        });"""
+    )
+    open_chat(page, url)
+    send(page, "hello")
+    body = answered(page).get_by_test_id("message-body")
+    expect(body).to_have_text("**bold** answer")
+    page.reload()  # the kept conversation is drawn before the page connects
+    expect(page.get_by_test_id("status")).to_have_text("Ready.")
+    expect(page.locator(ASSISTANT).get_by_test_id("message-body")).to_have_text("**bold** answer")
+    assert page.errors == []
+
+
+def chunk(text: str) -> str:
+    return "data: " + json.dumps({"choices": [{"delta": {"content": text}}]}) + "\n\n"
+
+
+def fake_api(*replies: Response) -> FastAPI:
+    """The chat page and a stand-in for the API it calls: each chat request gets the next of
+    `replies`, sent as written."""
+    app = FastAPI()
+    add_static(app, "chat.html", local_only=True)
+    pending = list(replies)
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [{"id": "fake", "object": "model"}]}
+
+    @app.post("/v1/chat/completions")
+    async def completions():
+        return pending.pop(0)
+
+    return app
+
+
+def test_stream_endings_and_error_shapes(page, serve_app):
+    def sse(body: str) -> Response:
+        return Response(body, media_type="text/event-stream")
+
+    app = fake_api(
+        # [DONE] with no newline after it, then with a newline but no blank line.
+        sse(chunk("Hello") + chunk(" there") + "data: [DONE]"),
+        sse(chunk("Again") + "data: [DONE]\n"),
+        # Cut off inside an event: a lost connection, not a malformed reply.
+        sse(chunk("Partial") + 'data: {"choi'),
+        # The error as a bare string, in the stream and as an HTTP error.
+        sse('data: {"error": "boom"}\n\n'),
+        JSONResponse({"error": "overloaded"}, status_code=503),
+    )
+    with serve_app(app) as (url, _):
+        open_chat(page, url)
+        send(page, "one")
+        answered(page, "Hello there")
+        expect(page.get_by_test_id("status")).to_have_text("Ready.")
+        send(page, "two")
+        answered(page, "Again")
+        answer = page.locator(ASSISTANT).last
+        for question, note in [
+            ("three", "connection to the server was lost"),
+            ("four", "The server failed: boom"),
+            ("five", "The server refused the request: overloaded (HTTP 503)"),
+        ]:
+            send(page, question)
+            expect(answer).to_have_attribute("data-state", "error")
+            expect(answer.get_by_test_id("message-note")).to_contain_text(note)
+        expect(page.locator(ASSISTANT)).to_have_count(5)
+        expect(page.locator(ASSISTANT).nth(2)).to_contain_text("Partial")
+    assert len(page.errors) == 1 and "503" in page.errors[0]  # the refused request itself
 
 
 def _get(url: str, path: str) -> tuple[int, dict, bytes]:

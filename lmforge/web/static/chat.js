@@ -135,13 +135,18 @@
     return fetch(path, { ...init, headers });
   }
 
+  // The message of an API error: OpenAI's {"error": {"message": …}}, or a bare string
+  // {"error": "…"}, as some servers and proxies send it.
+  function errorMessage(error) {
+    return typeof error === "string" ? error : error && error.message;
+  }
+
   async function apiError(response) {
     let message = `HTTP ${response.status} ${response.statusText}`;
     try {
       const body = await response.json();
-      if (body && body.error && body.error.message) {
-        message = `${body.error.message} (HTTP ${response.status})`;
-      }
+      const text = body && errorMessage(body.error);
+      if (text) message = `${text} (HTTP ${response.status})`;
     } catch (e) {
       // Not an OpenAI error body (a proxy's page, say): the status line says enough.
     }
@@ -213,30 +218,45 @@
     const decoder = new TextDecoder();
     let buffer = "";
     let data = [];
+    // One line of the stream; true once the answer is complete.
+    const take = (raw) => {
+      const line = raw.endsWith("\r") ? raw.slice(0, -1) : raw;
+      if (line.startsWith("data:")) {
+        data.push(line.slice(line.startsWith("data: ") ? 6 : 5));
+      } else if (line === "" && data.length) {
+        const event = data.join("\n");
+        data = [];
+        return takeEvent(event, reply);
+      }
+      return false;
+    };
     for (;;) {
       const { done, value } = await reader.read();
       if (done) break;
       buffer += decoder.decode(value, { stream: true });
       const lines = buffer.split("\n");
       buffer = lines.pop();
-      for (const raw of lines) {
-        const line = raw.endsWith("\r") ? raw.slice(0, -1) : raw;
-        if (line.startsWith("data:")) {
-          data.push(line.slice(line.startsWith("data: ") ? 6 : 5));
-        } else if (line === "" && data.length) {
-          if (takeEvent(data.join("\n"), reply)) return;
-          data = [];
-        }
-      }
+      for (const line of lines) if (take(line)) return;
     }
-    // The body ended without [DONE]: the server went away mid-answer.
+    // The body has ended, perhaps right after "data: [DONE]" with no newline or blank line
+    // after it: what is left is still the last line and event. Left unparsable, it is the
+    // cut-off end of a broken connection.
+    buffer += decoder.decode();
+    try {
+      if (take(buffer) || take("")) return;
+    } catch (e) {
+      if (!(e instanceof SyntaxError)) throw e;
+    }
+    // No [DONE]: the server went away mid-answer.
     throw new ChatError(LOST, "connection");
   }
 
   function takeEvent(data, reply) {
     if (data === "[DONE]") return true;
     const event = JSON.parse(data);
-    if (event.error) throw new ChatError("The server failed: " + event.error.message, "api");
+    if (event.error) {
+      throw new ChatError("The server failed: " + errorMessage(event.error), "api");
+    }
     const choice = event.choices && event.choices[0];
     if (!choice) return false; // the usage chunk
     if (choice.delta && typeof choice.delta.content === "string") {
@@ -433,7 +453,7 @@
     const body = el("div", "msg-body");
     body.dataset.testid = "message-body";
     if (msg.role === "user") body.textContent = msg.content;
-    else body.append(renderAnswer(msg));
+    else body.append(answerOrText(msg));
     node.append(head, body);
     if (msg.vote) node.append(voteView(msg.vote));
     const note = noteText(msg);
@@ -477,6 +497,17 @@
     title.append(` (${agree}/${answers.length} samples, ${share}%)`);
     box.append(title, el("div", "muted", "answers: " + answers.join(", ")));
     return box;
+  }
+
+  // An answer that fails to render shows as the text it is: the failure must not escape, since
+  // at load it would stop the page before it connects, and while streaming the answer would
+  // stay at "…".
+  function answerOrText(msg) {
+    try {
+      return renderAnswer(msg);
+    } catch (e) {
+      return document.createTextNode(msg.content);
+    }
   }
 
   // The answer's Markdown with each tool call (<calc>…</calc><result>…</result>, streamed as

@@ -19,19 +19,27 @@
  * (<pre data-lang><code class="language-x">), bullet and numbered lists (nested by indentation),
  * blockquotes, GitHub pipe tables, [links](url), <autolinks> and bare http(s) URLs, horizontal
  * rules and line breaks.
+ *
+ * The text may be hostile (a model's answer, a run's report), so rendering takes time about
+ * linear in its length, quotes and lists nest at most MAX_DEPTH deep, and render() never throws:
+ * should anything still fail, it returns the text as written.
  */
 (function () {
   "use strict";
 
   const FENCE = /^ {0,3}(`{3,}(?=[^`]*$)|~{3,})\s*([^\s`]*)/;
-  const HEADING = /^ {0,3}(#{1,6})(?:[ \t]+(.*?))?(?:[ \t]+#+)?[ \t]*$/;
+  const HEADING = /^ {0,3}(#{1,6})(?:[ \t]+(.*))?$/; // the closing #s: headingText
   const RULE = /^ {0,3}([-*_])(?:[ \t]*\1){2,}[ \t]*$/;
   const QUOTE = /^ {0,3}> ?(.*)$/;
   const ITEM = /^( {0,3})([-*+]|\d{1,9}[.)])(?:[ \t]+(.*)|$)/;
-  const TABLE_RULE = /^ {0,3}\|?[ \t]*:?-+:?[ \t]*(?:\|[ \t]*:?-+:?[ \t]*)*\|?[ \t]*$/;
+  // No two [ \t]* side by side: the regex engine would try every split of a long run of blanks.
+  const TABLE_RULE = /^ {0,3}\|?[ \t]*:?-+:?[ \t]*(?:\|[ \t]*:?-+:?[ \t]*)*(?:\|[ \t]*)?$/;
   const PUNCTUATION = /[!-/:-@[-`{-~]/;
   const BARE_URL = /^https?:\/\/[^\s<>"]*[^\s<>".,;:!?')\]*_~]/;
   const SCHEME = /^[a-z][a-z0-9+.-]*:|^\/\//i;
+  // Quotes and lists nest at most this deep; deeper content is shown as plain text. Each level
+  // is a recursive call, so 10 KB of "> > > …" overflowed the stack without a limit.
+  const MAX_DEPTH = 32;
 
   function el(tag, className) {
     const node = document.createElement(tag);
@@ -41,6 +49,23 @@
 
   function indentOf(line) {
     return line.length - line.trimStart().length;
+  }
+
+  // `s` less the characters of `chars` at its end, counted from the end: a regex such as / +$/
+  // starts again at each character of a long run that is not at the end, in quadratic time.
+  function trimEndOf(s, chars) {
+    let end = s.length;
+    while (end > 0 && chars.includes(s[end - 1])) end--;
+    return s.slice(0, end);
+  }
+
+  // A heading's text less its closing sequence: #s after a space or tab, and blanks around.
+  function headingText(raw) {
+    const text = trimEndOf(raw || "", " \t");
+    const bare = trimEndOf(text, "#");
+    return bare !== text && (bare.endsWith(" ") || bare.endsWith("\t"))
+      ? trimEndOf(bare, " \t")
+      : text;
   }
 
   // A line that ends a paragraph because it starts a block of its own.
@@ -81,7 +106,14 @@
 
   // --- Blocks ------------------------------------------------------------------------------
 
-  function renderBlocks(lines, parent, opts) {
+  // `depth`: how many quotes and list items hold these lines.
+  function renderBlocks(lines, parent, opts, depth) {
+    if (depth >= MAX_DEPTH) {
+      const p = el("p");
+      p.textContent = lines.join("\n");
+      parent.appendChild(p);
+      return;
+    }
     let i = 0;
     while (i < lines.length) {
       const line = lines[i];
@@ -92,16 +124,16 @@
         i = codeBlock(lines, i, m, parent);
       } else if ((m = HEADING.exec(line))) {
         const h = el("h" + m[1].length);
-        renderInline(m[2] || "", h, opts);
+        renderInline(headingText(m[2]), h, opts);
         parent.appendChild(h);
         i++;
       } else if (RULE.test(line)) {
         parent.appendChild(el("hr"));
         i++;
       } else if (QUOTE.test(line)) {
-        i = blockquote(lines, i, parent, opts);
+        i = blockquote(lines, i, parent, opts, depth);
       } else if (ITEM.test(line)) {
-        i = list(lines, i, parent, opts);
+        i = list(lines, i, parent, opts, depth);
       } else if (isTableStart(lines, i)) {
         i = table(lines, i, parent, opts);
       } else {
@@ -130,7 +162,7 @@
     return i + 1; // past the closing fence, or past the end when it is still missing
   }
 
-  function blockquote(lines, start, parent, opts) {
+  function blockquote(lines, start, parent, opts, depth) {
     const body = [];
     let i = start;
     while (i < lines.length) {
@@ -141,12 +173,12 @@
       i++;
     }
     const quote = el("blockquote");
-    renderBlocks(body, quote, opts);
+    renderBlocks(body, quote, opts, depth + 1);
     parent.appendChild(quote);
     return i;
   }
 
-  function list(lines, start, parent, opts) {
+  function list(lines, start, parent, opts, depth) {
     const first = ITEM.exec(lines[start]);
     const ordered = /\d/.test(first[2]);
     const node = el(ordered ? "ol" : "ul");
@@ -186,11 +218,14 @@
     }
     for (const body of items) {
       const li = el("li");
-      renderBlocks(body, li, opts);
+      renderBlocks(body, li, opts, depth + 1);
       if (!loose) {
-        // A tight list shows its items' text directly, not as separate paragraphs.
+        // A tight list shows its items' text directly, not as separate paragraphs. The nodes
+        // move one by one: spread as arguments, those of a long item overflow the stack.
         for (const p of Array.from(li.children)) {
-          if (p.tagName === "P") p.replaceWith(...p.childNodes);
+          if (p.tagName !== "P") continue;
+          while (p.firstChild) p.before(p.firstChild);
+          p.remove();
         }
       }
       node.appendChild(li);
@@ -279,66 +314,174 @@
     return a;
   }
 
-  // [text](destination "title") starting at text[i] === "[": {label, url, end} or null.
-  function parseLink(text, i) {
-    let depth = 0;
-    let j = i;
-    for (; j < text.length; j++) {
-      const c = text[j];
-      if (c === "\\") j++;
-      else if (c === "[") depth++;
-      else if (c === "]" && --depth === 0) break;
+  // What the inline parser looks ahead for in one text (where emphasis, code spans, link labels
+  // and destinations close), each kind found in one pass over the text when first needed.
+  // Searching on from every opener instead took time quadratic in the openers that never close:
+  // "*a " or "[x](" written 20,000 times took seconds, and the chat renders a streaming answer
+  // again on every frame.
+  class Lookahead {
+    constructor(text) {
+      this.text = text;
+      this.found = new Map();
     }
-    if (j >= text.length || text[j + 1] !== "(") return null;
-    const label = text.slice(i + 1, j);
+
+    memo(key, build) {
+      if (!this.found.has(key)) this.found.set(key, build(this.text));
+      return this.found.get(key);
+    }
+
+    // The first place at or after `from` where `delim` closes emphasis, or -1.
+    emphasisClose(delim, from) {
+      return firstFrom(this.memo(delim, (text) => emphasisCloses(text, delim)), from);
+    }
+
+    // The first run of exactly `length` backticks at or after `from`, or -1.
+    codeClose(length, from) {
+      return firstFrom(this.memo("`", backtickRuns).get(length) || [], from);
+    }
+
+    // The "]" that closes the "[" at `i`, or -1.
+    bracketClose(i) {
+      return this.memo("[", bracketPairs)[i];
+    }
+
+    // Where a link destination that starts at `i` ends.
+    destinationEnd(i) {
+      return this.memo("(", destinationEnds)[i];
+    }
+
+    // The first index at or after `from` whose character matches `re`, or the text's length.
+    next(re, from) {
+      return this.memo(re, (text) => nextMatches(text, re))[Math.min(from, this.text.length)];
+    }
+  }
+
+  // The first of the ascending `positions` that is at least `from`, or -1.
+  function firstFrom(positions, from) {
+    let lo = 0;
+    let hi = positions.length;
+    while (lo < hi) {
+      const mid = (lo + hi) >> 1;
+      if (positions[mid] < from) lo = mid + 1;
+      else hi = mid;
+    }
+    return lo < positions.length ? positions[lo] : -1;
+  }
+
+  // Where `delim` can close emphasis: right after a non-blank, and "_" not before a letter or
+  // digit; a single "*" or "_" must not touch another one.
+  function emphasisCloses(text, delim) {
+    const ch = delim[0];
+    const found = [];
+    for (let k = text.indexOf(delim); k >= 0; k = text.indexOf(delim, k + 1)) {
+      if (/\s/.test(text[k - 1] || "")) continue;
+      if (delim.length === 1 && (text[k + 1] === ch || text[k - 1] === ch)) continue;
+      if (ch === "_" && /[\p{L}\p{N}]/u.test(text[k + delim.length] || "")) continue;
+      found.push(k);
+    }
+    return found;
+  }
+
+  // Runs of backticks: length -> where the runs of that length start, ascending.
+  function backtickRuns(text) {
+    const runs = new Map();
+    for (const m of text.matchAll(/`+/g)) {
+      if (!runs.has(m[0].length)) runs.set(m[0].length, []);
+      runs.get(m[0].length).push(m.index);
+    }
+    return runs;
+  }
+
+  // For each "[", the "]" that closes it (brackets nest, "\" escapes any character), or -1.
+  function bracketPairs(text) {
+    const close = new Int32Array(text.length).fill(-1);
+    const open = [];
+    for (let p = 0; p < text.length; p++) {
+      if (text[p] === "\\") p++;
+      else if (text[p] === "[") open.push(p);
+      else if (text[p] === "]" && open.length) close[open.pop()] = p;
+    }
+    return close;
+  }
+
+  // For each start, where a link destination would end: at whitespace or at a ")" that no "("
+  // after the start opened ("\" escapes punctuation). Filled from the end, each entry from one
+  // further on: past a "(", from the place after its matching ")".
+  function destinationEnds(text) {
+    const n = text.length;
+    const match = new Int32Array(n).fill(-1);
+    const open = [];
+    for (let p = 0; p < n; p++) {
+      if (text[p] === "\\" && PUNCTUATION.test(text[p + 1] || "")) p++;
+      else if (text[p] === "(") open.push(p);
+      else if (text[p] === ")" && open.length) match[open.pop()] = p;
+    }
+    const ends = new Int32Array(n + 1);
+    ends[n] = n;
+    let blank = n; // the first whitespace at or after p
+    for (let p = n - 1; p >= 0; p--) {
+      const c = text[p];
+      if (/\s/.test(c)) blank = p;
+      if (blank === p || c === ")") ends[p] = p;
+      else if (c === "\\" && PUNCTUATION.test(text[p + 1] || "")) ends[p] = ends[p + 2];
+      else if (c === "(") ends[p] = match[p] < 0 || blank < match[p] ? blank : ends[match[p] + 1];
+      else ends[p] = ends[p + 1];
+    }
+    return ends;
+  }
+
+  // For each index, the first index at or after it whose character matches `re`, else the
+  // text's length.
+  function nextMatches(text, re) {
+    const next = new Int32Array(text.length + 1);
+    next[text.length] = text.length;
+    for (let p = text.length - 1; p >= 0; p--) next[p] = re.test(text[p]) ? p : next[p + 1];
+    return next;
+  }
+
+  const ESCAPE = /\\([!-/:-@[-`{-~])/g;
+  const NOT_BLANK = /\S/;
+  const NOT_SPACE = /[^ ]/;
+  const ANGLE_CLOSE = />/;
+  const TITLE_CLOSE = { '"': /"/, "'": /'/, "(": /\)/ };
+
+  // [text](destination "title") starting at text[i] === "[": {label, url, end} or null.
+  function parseLink(text, i, look) {
+    const j = look.bracketClose(i);
+    if (j < 0 || text[j + 1] !== "(") return null;
     let k = j + 2;
     while (text[k] === " ") k++;
-    let url = "";
-    if (text[k] === "<") {
-      const close = text.indexOf(">", k);
-      if (close < 0) return null;
-      url = text.slice(k + 1, close);
-      k = close + 1;
-    } else {
-      let parens = 0;
-      for (; k < text.length; k++) {
-        const c = text[k];
-        if (c === "\\" && PUNCTUATION.test(text[k + 1] || "")) {
-          url += text[++k];
-          continue;
-        }
-        if (/\s/.test(c) || (c === ")" && parens === 0)) break;
-        if (c === "(") parens++;
-        if (c === ")") parens--;
-        url += c;
-      }
+    const angled = text[k] === "<";
+    const from = angled ? k + 1 : k;
+    const to = angled ? look.next(ANGLE_CLOSE, k) : look.destinationEnd(k);
+    if (angled && to === text.length) return null;
+    k = angled ? to + 1 : to;
+    const open = look.next(NOT_BLANK, k);
+    if (open > k && TITLE_CLOSE[text[open]]) {
+      const close = look.next(TITLE_CLOSE[text[open]], open + 1);
+      if (close < text.length) k = close + 1;
     }
-    const title = /^\s+("[^"]*"|'[^']*'|\([^)]*\))/.exec(text.slice(k));
-    if (title) k += title[0].length;
-    while (text[k] === " ") k++;
+    k = look.next(NOT_SPACE, k);
     if (text[k] !== ")") return null;
-    return { label, url, end: k + 1 };
+    // Built only now: a destination can reach to the end of the text, which is no cost to pay
+    // for each of many "[" that turn out not to be links.
+    const url = angled ? text.slice(from, to) : text.slice(from, to).replace(ESCAPE, "$1");
+    return { label: text.slice(i + 1, j), url, end: k + 1 };
   }
 
   // The end of the emphasis that opens with `delim` at text[i], or -1: the opener must touch
   // a word on its right and the closer one on its left; "_" only counts between words.
-  function closingDelimiter(text, i, delim) {
+  function closingDelimiter(text, i, delim, look) {
     const start = i + delim.length;
-    const ch = delim[0];
     if (!text[start] || /\s/.test(text[start])) return -1;
-    if (ch === "_" && /[\p{L}\p{N}]/u.test(text[i - 1] || "")) return -1;
-    for (let k = text.indexOf(delim, start + 1); k >= 0; k = text.indexOf(delim, k + 1)) {
-      if (/\s/.test(text[k - 1])) continue;
-      if (delim.length === 1 && (text[k + 1] === ch || text[k - 1] === ch)) continue;
-      if (ch === "_" && /[\p{L}\p{N}]/u.test(text[k + delim.length] || "")) continue;
-      return k;
-    }
-    return -1;
+    if (delim[0] === "_" && /[\p{L}\p{N}]/u.test(text[i - 1] || "")) return -1;
+    return look.emphasisClose(delim, start + 1);
   }
 
   const TAGS = { "*": "em", "_": "em", "**": "strong", "__": "strong", "~~": "del" };
 
   function renderInline(text, parent, opts) {
+    const look = new Lookahead(text);
     let buf = "";
     const flush = () => {
       if (buf) parent.appendChild(document.createTextNode(buf));
@@ -358,28 +501,35 @@
         buf += text[i + 1];
         i += 2;
       } else if (c === "\n") {
-        const hard = opts.breaks || / {2,}$/.test(buf);
-        buf = buf.replace(/ +$/, "");
+        const kept = trimEndOf(buf, " ");
+        const hard = opts.breaks || buf.length - kept.length >= 2;
+        buf = hard ? kept : kept + "\n";
+        // Either way the line leaves the buffer, so that looking for trailing spaces reads only
+        // the current line (reading the paragraph so far at each newline was quadratic).
         if (hard) emit(el("br"));
-        else buf += "\n";
+        else flush();
         i++;
       } else if (c === "`") {
         const run = /^`+/.exec(text.slice(i))[0];
-        const close = findCodeClose(text, i + run.length, run.length);
+        const close = look.codeClose(run.length, i + run.length);
         if (close < 0) {
           buf += run;
           i += run.length;
           continue;
         }
         let content = text.slice(i + run.length, close).replace(/\n/g, " ");
-        if (/^ .*[^ ].* $/.test(content)) content = content.slice(1, -1);
+        // One space comes off each end when there is more than spaces (tested without a
+        // regex like /^ .*[^ ].* $/, which is quadratic in the content's length).
+        if (content.startsWith(" ") && content.endsWith(" ") && /[^ ]/.test(content)) {
+          content = content.slice(1, -1);
+        }
         const code = el("code");
         code.textContent = content;
         emit(code);
         i = close + run.length;
       } else if (!opts.inLink && (c === "[" || (c === "!" && text[i + 1] === "["))) {
         const image = c === "!";
-        const link = parseLink(text, image ? i + 1 : i);
+        const link = parseLink(text, image ? i + 1 : i, look);
         const href = link && safeUrl(link.url, opts);
         if (!link) {
           buf += c;
@@ -427,7 +577,7 @@
         let done = false;
         for (const delim of [run.slice(0, 2), run.slice(0, 1)]) {
           if (!TAGS[delim]) continue;
-          const close = closingDelimiter(text, i, delim);
+          const close = closingDelimiter(text, i, delim, look);
           if (close < 0) continue;
           const node = el(TAGS[delim]);
           renderInline(text.slice(i + delim.length, close), node, opts);
@@ -454,19 +604,20 @@
     return m && m[0];
   }
 
-  function findCodeClose(text, from, length) {
-    const re = /`+/g;
-    re.lastIndex = from;
-    let m;
-    while ((m = re.exec(text))) if (m[0].length === length) return m.index;
-    return -1;
-  }
-
   function render(text, options) {
-    const opts = options || {};
-    const fragment = document.createDocumentFragment();
-    renderBlocks(String(text || "").replace(/\r\n?/g, "\n").split("\n"), fragment, opts);
-    return fragment;
+    const source = String(text || "").replace(/\r\n?/g, "\n");
+    try {
+      const fragment = document.createDocumentFragment();
+      renderBlocks(source.split("\n"), fragment, options || {}, 0);
+      return fragment;
+    } catch (e) {
+      // Whatever still fails (a case the limits above miss, a `resolve` that throws) costs the
+      // formatting of this text, not the caller's page: the chat and the runs browser render
+      // as part of drawing themselves, and an exception there left them broken.
+      const fragment = document.createDocumentFragment();
+      fragment.appendChild(document.createTextNode(source));
+      return fragment;
+    }
   }
 
   window.LmMarkdown = { render };
