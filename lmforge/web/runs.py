@@ -5,17 +5,20 @@ items, data-pipeline statistics, configs, report.md) and draws several runs' cur
 The server only ever reads. Every path a request names is relative to RUNS_DIR and is resolved
 (symlinks followed) before use; what lands outside RUNS_DIR is refused, so the page cannot be
 turned into a reader of the rest of the machine. Files are taken as they are found: a missing,
-truncated or binary file is reported as such instead of failing the page, and a metrics.jsonl of
-any length is streamed and reduced to a bounded number of points per curve.
+truncated, binary or unreadable file, or a FIFO or device in a file's place, is reported as such
+instead of failing (or hanging) the page, and a metrics.jsonl of any length is streamed and
+reduced to a bounded number of points per curve. Errors name files relative to RUNS_DIR only.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
 import re
 import secrets
+import stat
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
@@ -29,7 +32,7 @@ import numpy as np
 import yaml
 from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, JSONResponse
+from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException
 
 from lmforge.config import field_
@@ -46,6 +49,7 @@ MAX_STRING = 20_000  # one string of a sample (a prompt, a generation)
 CHUNK = 1 << 20  # bytes of JSONL parsed at once
 MAX_LINE = 8 << 20  # a sample line with a long few-shot prompt is ~100 KB
 MAX_IMAGE = 20 << 20  # report.md's loss.png is ~50 KB
+MAX_DEPTH = 32  # levels of nesting sent: Python and the JSON encoder recurse, with a limit
 _IMAGES = {
     ".png": "image/png",
     ".jpg": "image/jpeg",
@@ -122,18 +126,29 @@ def _number(value: Any) -> bool:
     return type(value) in _NUMBER
 
 
-def _clean(value: Any) -> Any:
+def _clean(value: Any, depth: int = 0) -> Any:
     """JSON-safe: NaN and infinities become their names (strict JSON has no such numbers), any
-    other non-JSON value its str()."""
+    other non-JSON value its str(), and what is nested deeper than MAX_DEPTH "[...]"."""
     if isinstance(value, float) and not math.isfinite(value):
         return str(value)
+    if isinstance(value, (dict, list, tuple)) and depth >= MAX_DEPTH:
+        return "[...]"
     if isinstance(value, dict):
-        return {str(k): _clean(v) for k, v in value.items()}
+        return {str(k): _clean(v, depth + 1) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_clean(v) for v in value]
+        return [_clean(v, depth + 1) for v in value]
     if value is None or isinstance(value, (str, int, float, bool)):
         return value
     return str(value)
+
+
+def _reason(e: BaseException) -> str:
+    """What went wrong, for an answer: the system's words for an OSError, else the kind of
+    error. Never str(e): an exception may carry the absolute path of a file, which would tell
+    a client where on the server the runs are."""
+    if isinstance(e, OSError) and e.strerror:
+        return e.strerror
+    return type(e).__name__
 
 
 def _decode(data: bytes, truncated: bool) -> str:
@@ -147,22 +162,19 @@ def _decode(data: bytes, truncated: bool) -> str:
 
 
 def read_text(path: Path, limit: int = MAX_TEXT) -> tuple[str, bool]:
-    """The text of `path` up to `limit` bytes, and whether it was cut there."""
+    """The text of the regular file `path` up to `limit` bytes, and whether it was cut there."""
     try:
-        with path.open("rb") as f:
-            data = f.read(limit + 1)
+        data, truncated = registry.read_head(path, limit)
     except OSError as e:
-        raise Unreadable(e.strerror or str(e)) from None
-    truncated = len(data) > limit
-    return _decode(data[:limit], truncated), truncated
+        raise Unreadable(_reason(e)) from None
+    return _decode(data, truncated), truncated
 
 
 def read_json(path: Path) -> dict:
     """A JSON object file; anything else (truncated, a list, binary) is Unreadable."""
-    size = path.stat().st_size
-    if size > MAX_JSON:
-        raise Unreadable(f"too large for a result file ({size / 2**20:.0f} MiB)")
-    text, _ = read_text(path, MAX_JSON)
+    text, cut = read_text(path, MAX_JSON)
+    if cut:
+        raise Unreadable(f"too large for a result file (over {MAX_JSON >> 20} MiB)")
     try:
         data = json.loads(text)
     except (ValueError, RecursionError) as e:
@@ -177,7 +189,7 @@ def _lines(path: Path, limit: int | None = None) -> Iterator[list[bytes]]:
     longer than MAX_LINE (binary junk with no newline) is never held whole: it stands as one
     unreadable line."""
     seen, rest, cut = 0, b"", False
-    with path.open("rb") as f:
+    with registry.open_regular(path) as f:
         while limit is None or seen < limit:
             block = f.read(CHUNK)
             lines = (rest + block).split(b"\n")
@@ -218,7 +230,7 @@ def _parse(lines: list[bytes]) -> list[Any]:
 def _count_lines(path: Path) -> int:
     count = 0
     last = b"\n"
-    with path.open("rb") as f:
+    with registry.open_regular(path) as f:
         while block := f.read(CHUNK):
             count += block.count(b"\n")
             last = block[-1:]
@@ -339,10 +351,13 @@ def read_metrics(path: Path, points: int = DEFAULT_POINTS, keys: set[str] | None
 
 
 def _clip(value: Any, depth: int = 0) -> Any:
-    """A sample record small enough to show: long strings cut, long lists shortened."""
+    """A sample record small enough to show: long strings cut, long lists shortened, deep
+    nesting cut off."""
     if isinstance(value, str):
         return value if len(value) <= MAX_STRING else value[:MAX_STRING] + " [...]"
     if isinstance(value, list):
+        if depth > 8:
+            return "[...]"
         return [_clip(v, depth + 1) for v in value[:200]] + (["[...]"] if len(value) > 200 else [])
     if isinstance(value, dict):
         if depth > 8:
@@ -351,13 +366,13 @@ def _clip(value: Any, depth: int = 0) -> Any:
     return _clean(value)
 
 
-def _text(value: Any) -> str:
+def _text(value: Any, depth: int = 0) -> str:
     if value is None:
         return ""
     if isinstance(value, str):
         return value
     if isinstance(value, list):
-        return " | ".join(_text(v) for v in value)
+        return "[...]" if depth >= MAX_DEPTH else " | ".join(_text(v, depth + 1) for v in value)
     if isinstance(value, dict):
         return json.dumps(_clean(value), ensure_ascii=False)
     return str(value)
@@ -374,7 +389,8 @@ def sample_view(record: dict) -> dict:
     choices = choices if isinstance(choices, list) else None
 
     def choice(i: Any) -> Any:
-        return choices[i] if _number(i) and int(i) == i and 0 <= i < len(choices) else i
+        # Only an int indexes: a float (1.0, NaN) is shown as the value it is.
+        return choices[i] if type(i) is int and 0 <= i < len(choices) else i
 
     gold = record.get("gold")
     if choices is not None and gold is not None:
@@ -397,7 +413,7 @@ def sample_view(record: dict) -> dict:
         scores = {k: record[k] for k in ("correct", "reward", "score") if k in record}
     extracted = record.get("extracted")
     return {
-        "index": record.get("index") if _number(record.get("index")) else None,
+        "index": record.get("index") if type(record.get("index")) is int else None,
         "task": _text(record.get("task")),
         "prompt": _clip(_text(_first(record, "prompt", "question", "input", "text"))),
         "gold": _clip(_text(gold)),
@@ -487,8 +503,9 @@ def data_table(stats: dict) -> dict:
     )
 
 
-def _scalars(data: dict, prefix: str = "", out: list | None = None) -> list:
-    """[key, value] rows of a result JSON's scalars (its config is shown apart), 300 at most."""
+def _scalars(data: dict, prefix: str = "", out: list | None = None, depth: int = 0) -> list:
+    """[key, value] rows of a result JSON's scalars (its config is shown apart), 300 at most;
+    an object nested deeper than MAX_DEPTH is shown as "{...}"."""
     out = [] if out is None else out
     for key, value in data.items():
         if len(out) >= 300:
@@ -496,8 +513,10 @@ def _scalars(data: dict, prefix: str = "", out: list | None = None) -> list:
         name = f"{prefix}{key}"
         if name == "config":
             continue
-        if isinstance(value, dict):
-            _scalars(value, f"{name}.", out)
+        if isinstance(value, dict) and depth >= MAX_DEPTH:
+            out.append([name, "{...}"])
+        elif isinstance(value, dict):
+            _scalars(value, f"{name}.", out, depth + 1)
         elif isinstance(value, list):
             simple = all(v is None or isinstance(v, (str, int, float, bool)) for v in value)
             short = simple and len(value) <= 10
@@ -572,8 +591,13 @@ class RunsDir:
         if not self.inside(path):
             raise Refused(403, f"path {rel!r} leads outside the runs directory")
         target = path.resolve()
-        if not (target.is_file() if file is not None else target.is_dir()):
-            what = f"{file} in {rel!r}" if file is not None else f"directory {rel!r}"
+        what = f"{file} in {rel!r}" if file is not None else f"directory {rel!r}"
+        try:
+            there = target.is_file() if file is not None else target.is_dir()
+        except OSError as e:  # a name too long for the file system, a folder not to be entered
+            status = 400 if e.errno == errno.ENAMETOOLONG else 422
+            raise Refused(status, f"cannot open {what}: {_reason(e)}") from None
+        if not there:
             raise Refused(404, f"no {what}")
         return target
 
@@ -594,25 +618,24 @@ class RunsDir:
 
     def _children(self, run: Path) -> list[Path]:
         """Sub-directories of a run that are runs themselves (sft/, align/, eval/ of `lmforge
-        run`): shown as its stages."""
+        run`): shown as its stages. Links are not followed, as in _walk."""
         try:
-            entries = sorted(run.iterdir())
+            with os.scandir(run) as entries:
+                names = sorted(e.name for e in entries if e.is_dir(follow_symlinks=False))
         except OSError:
             return []
         return [
-            c
-            for c in entries
-            if c.name not in registry._SKIP
-            and not c.name.startswith(".")
-            and not c.is_symlink()
-            and c.is_dir()
-            and any((c / m).exists() for m in _MARKERS)
+            run / name
+            for name in names
+            if name not in registry._SKIP
+            and not name.startswith(".")
+            and _MARKERS.intersection(_names(run / name))
         ]
 
     def _data_dir(self, run: Path) -> Path | None:
         """Where `lmforge run` keeps the data pipeline's statistics."""
         for d in (run / "data" / "out", run / "data"):
-            if (d / "stats.json").exists() and self.inside(d):
+            if "stats.json" in _names(d) and self.inside(d):
                 return d
         return None
 
@@ -624,18 +647,20 @@ class RunsDir:
         return self._runs.get(key, lambda: self._read_registry(directory))
 
     def _read_registry(self, directory: Path) -> dict:
-        outside = [
-            n for n in _REGISTRY_FILES if (directory / n).exists() or (directory / n).is_symlink()
-        ]
-        outside = [n for n in outside if not self.inside(directory / n)]
+        names = _names(directory)
+        outside = [n for n in _REGISTRY_FILES if n in names and not self.inside(directory / n)]
         error = None
         if outside:
             error = f"{', '.join(outside)} lead(s) outside the runs directory"
-        elif any((directory / n).exists() for n, _ in registry._MARKERS):
+        elif names.intersection(n for n, _ in registry._MARKERS):
             try:
-                return {**registry.read_run(directory), "error": None}
+                info = registry.read_run(directory)
             except Exception as e:  # noqa: BLE001 - a corrupt run must not take the list down
-                error = f"unreadable: {type(e).__name__}: {e}"
+                error = f"unreadable ({_reason(e)})"
+            else:
+                # The registry reads damaged files as far as they go and names each in
+                # `problems`: the run's error, in the list and on its page.
+                return {**info, "error": "; ".join(info["problems"]) or None}
         return {
             "path": str(directory),
             "kind": None,
@@ -651,29 +676,33 @@ class RunsDir:
 
     # -- one stage ---------------------------------------------------------------------------
 
-    def _file_state(self, directory: Path, name: str) -> tuple[Path | None, dict]:
+    def _file_state(self, directory: Path, name: str, names: set[str]) -> tuple[Path | None, dict]:
+        """The file `name` of `directory` (whose entries are `names`) if it may be read, and
+        its state: missing, refused (it leads outside), unreadable (with a note) or ok."""
         path = directory / name
         entry: dict[str, Any] = {"name": name}
-        if not path.exists() and not path.is_symlink():
+        if name not in names:
             return None, {**entry, "state": "missing"}
         if not self.inside(path):
             return None, {**entry, "state": "refused", "note": "leads outside the runs directory"}
         try:
-            if not path.is_file():
-                return None, {**entry, "state": "unreadable", "note": "not a regular file"}
-            return path, {**entry, "state": "ok", "size": path.stat().st_size}
-        except OSError as e:
-            return None, {**entry, "state": "unreadable", "note": e.strerror or str(e)}
+            st = path.stat()
+        except OSError as e:  # a dangling link, a folder that cannot be entered
+            return None, {**entry, "state": "unreadable", "note": _reason(e)}
+        if not stat.S_ISREG(st.st_mode):  # a FIFO would hang its reader, a device never end
+            return None, {**entry, "state": "unreadable", "note": "not a regular file"}
+        return path, {**entry, "state": "ok", "size": st.st_size}
 
     def stage(self, name: str, directory: Path) -> dict:
         """What one stage directory holds: its files and their state, configs, summary numbers,
         evaluation table, data statistics, report; curves and samples are fetched apart."""
-        kind = _kind(directory)
-        present = [n for n in (*_KNOWN, "report.md") if (directory / n).exists()]
+        entries = _names(directory)
+        kind = _kind(entries)
+        present = [n for n in (*_KNOWN, "report.md") if n in entries]
         files, out = [], {}
         names = dict.fromkeys([*_EXPECTED.get(kind, ()), *present])
         for file in names:
-            path, entry = self._file_state(directory, file)
+            path, entry = self._file_state(directory, file, entries)
             files.append(entry)
             if path is None:
                 continue
@@ -682,7 +711,7 @@ class RunsDir:
             except Unreadable as e:
                 entry.update(state="unreadable", note=str(e))
             except OSError as e:
-                entry.update(state="unreadable", note=e.strerror or str(e))
+                entry.update(state="unreadable", note=_reason(e))
         if "configs" not in out and isinstance(out.get("result_config"), dict):
             text = json.dumps(_clean(out["result_config"]), indent=2, ensure_ascii=False)
             out["configs"] = [{"name": "results.json: config", "text": text, "truncated": False}]
@@ -695,7 +724,9 @@ class RunsDir:
             out.setdefault("configs", []).append({"name": name, "text": text, "truncated": cut})
             try:
                 yaml.safe_load(text) if not cut else None
-            except yaml.YAMLError as e:
+            except RecursionError:
+                raise Unreadable("not valid YAML (nested too deeply)") from None
+            except (yaml.YAMLError, ValueError) as e:  # ValueError: a date like 2024-13-01
                 raise Unreadable(f"not valid YAML ({str(e).splitlines()[0]})") from None
         elif name in _SUMMARIES:
             data = read_json(path)
@@ -720,7 +751,7 @@ class RunsDir:
 
     def _stages(self, run: Path, children: list[Path]) -> list[tuple[str, Path]]:
         # The run's own directory holds the pre-training of `lmforge run`: named for that.
-        kind = _kind(run)
+        kind = _kind(_names(run))
         stages = [("pretrain" if kind == "run" else kind, run), *((c.name, c) for c in children)]
         data = self._data_dir(run)
         if data is not None and data != run:
@@ -731,8 +762,8 @@ class RunsDir:
         info = self.registry_info(run)
         parts = [(c.name, self.registry_info(c)) for c in children]
         evals = [s for s in stages if s.get("eval")]
-        # The registry tells a sweep trial's command; for the rest the files tell more ("run"
-        # for `lmforge run`, where the registry sees its pretrain config).
+        # The registry tells a sweep trial's command; for the rest the stage's files tell more
+        # (the registry has no kind for alignment, nor for the data pipeline's statistics).
         trial = (info["kind"] or "").startswith("sweep trial")
         return {
             "path": self.rel(run),
@@ -744,17 +775,21 @@ class RunsDir:
             "parent": info["parent"],
             "tags": [str(t) for t in info["tags"]] if isinstance(info["tags"], list) else [],
             "headline": _clean(_headline(info, parts, evals)),
-            "error": info["error"],
+            "error": info["error"],  # what the registry could not read (see _read_registry)
         }
 
     def list_runs(self) -> dict:
         found = self._walk()
         marked = set(found)
+        below: dict[Path, list[Path]] = {}  # the stages of each run, found in one pass
+        for directory in found:
+            if directory != self.root:
+                below.setdefault(directory.parent, []).append(directory)
         runs = []
         for run in found:
             if run.parent in marked and run != self.root:
                 continue  # a stage of the run above it
-            children = [c for c in found if c.parent == run and c != run]
+            children = below.get(run, [])
             stages = [self.stage(n, d) for n, d in self._stages(run, children)]
             problems = [
                 {"file": f"{s['path']}/{f['name']}", "state": f["state"], "note": f.get("note")}
@@ -776,6 +811,10 @@ class RunsDir:
         children = self._children(run)
         stages = [self.stage(n, d) for n, d in self._stages(run, children)]
         if all(s["kind"] == "files" for s in stages):
+            try:  # nothing found: say so, unless the folder could not be looked into
+                os.listdir(run)
+            except OSError as e:
+                raise Refused(422, f"cannot read directory {rel!r}: {_reason(e)}") from None
             raise Refused(404, f"{rel!r} is not a run directory (no metrics.jsonl, run.yaml, ...)")
         return {**self._summary(run, children, stages), "stages": stages}
 
@@ -788,17 +827,21 @@ class RunsDir:
             result = self._metrics.get(key, lambda: read_metrics(path, points, keys), keep)
         return {"path": rel, **result}
 
-    def image(self, rel: str) -> tuple[Path, str]:
+    def image(self, rel: str) -> tuple[bytes, str]:
         """An image of a run (report.md shows loss.png) and its media type. Only images: the
-        page has no use for other files, and a served .html or .svg could carry script."""
+        page has no use for other files, and a served .html or .svg could carry script. It is
+        read whole before the answer starts: a file that fails to open or read gets an error,
+        not a 200 cut short."""
         kind = _IMAGES.get(Path(rel).suffix.lower())
         if kind is None:
             raise Refused(415, f"{rel!r} is not an image (.png, .jpg, .gif, .webp)")
         directory, _, name = rel.rpartition("/")
         path = self.resolve(directory or ".", file=name)
-        if path.stat().st_size > MAX_IMAGE:
+        with _readable(directory or ".", name):
+            data, cut = registry.read_head(path, MAX_IMAGE)
+        if cut:
             raise Refused(413, f"{rel!r} is larger than {MAX_IMAGE >> 20} MiB")
-        return path, kind
+        return data, kind
 
     def samples(self, rel: str, task: str | None, offset: int, limit: int) -> dict:
         path = self.resolve(rel, file="samples.jsonl")
@@ -825,11 +868,22 @@ def _readable(rel: str, name: str) -> Iterator[None]:
     try:
         yield
     except OSError as e:
-        raise Refused(422, f"cannot read {name} in {rel!r}: {e.strerror or e}") from None
+        raise Refused(422, f"cannot read {name} in {rel!r}: {_reason(e)}") from None
 
 
-def _kind(directory: Path) -> str:
-    return next((k for m, k in _KINDS if (directory / m).exists()), "files")
+def _names(directory: Path) -> set[str]:
+    """The entries of a directory; none when it cannot be listed. What a stage holds is told
+    by these names, never by looking at each file: in a folder that may be listed but not
+    entered that fails, and the files are then shown as unreadable, with the reason."""
+    try:
+        return set(os.listdir(directory))
+    except OSError:
+        return set()
+
+
+def _kind(names: set[str]) -> str:
+    """The kind of a stage directory whose entries are `names`."""
+    return next((k for m, k in _KINDS if m in names), "files")
 
 
 def _modified(directory: Path) -> float:
@@ -950,8 +1004,8 @@ def create_runs_app(root: str | Path, api_key: str | None = None) -> FastAPI:
 
     @app.get("/api/file")
     def file(path: str):
-        target, kind = runs.image(path)
-        return FileResponse(target, media_type=kind, headers={"Cache-Control": "no-store"})
+        data, kind = runs.image(path)
+        return Response(data, media_type=kind, headers={"Cache-Control": "no-store"})
 
     @app.get("/api/compare")
     def compare(path: Annotated[list[str] | None, Query()] = None):

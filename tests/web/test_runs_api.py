@@ -9,10 +9,16 @@ The run folders are synthetic, laid out as `lmforge run`, `pretrain`, `sft`, `dp
 from __future__ import annotations
 
 import base64
+import contextlib
+import errno
 import json
 import os
 import re
+import shutil
+import socket
 import stat
+import subprocess
+import sys
 import time
 import urllib.error
 import urllib.parse
@@ -172,14 +178,20 @@ def served(runs_root, serve_app):
         yield url
 
 
-def get(url: str, path: str, params: dict | list | None = None, key: str | None = None):
+def get(
+    url: str,
+    path: str,
+    params: dict | list | None = None,
+    key: str | None = None,
+    timeout: float = 60,
+):
     """(status, parsed JSON or raw bytes) of a GET; `path` is sent exactly as written."""
     query = urllib.parse.urlencode(params or {}, doseq=True)
     request = urllib.request.Request(url + path + (f"?{query}" if query else ""))
     if key is not None:
         request.add_header("Authorization", f"Bearer {key}")
     try:
-        with urllib.request.urlopen(request, timeout=60) as r:
+        with urllib.request.urlopen(request, timeout=timeout) as r:
             status, body, kind = r.status, r.read(), r.headers.get("content-type", "")
     except urllib.error.HTTPError as e:
         status, body, kind = e.code, e.read(), e.headers.get("content-type", "")
@@ -308,7 +320,10 @@ def test_missing_and_corrupt_files_are_reported_not_fatal(served):
     assert files["pretrain", "report.md"]["state"] == "missing"
     assert files["eval", "results.json"]["note"] == "expected a JSON object, found list"
     assert files["eval", "samples.jsonl"]["state"] == "missing"
-    assert run["error"]  # the registry could not read it either; the page still answers
+    # The registry could not read them either: its problems are the run's error.
+    assert "run.yaml: not UTF-8 text (binary data at byte 0)" in run["error"]
+    assert "summary.json: not valid JSON" in run["error"]
+    assert "metrics.jsonl: 4 line(s) are not JSON objects (first: line 4)" in run["error"]
     status, m = get(served, "/api/metrics", {"path": "broken"})
     assert status == 200 and (m["lines"], m["records"], m["bad_lines"]) == (31, 27, 4)
     assert len(m["series"]["loss"]["x"]) == 27
@@ -437,3 +452,225 @@ def test_page_is_light_and_needs_no_other_site(served):
         assert status == 200
         total += len(body)
     assert total < 100_000  # the budget is 300 KB for the first load
+
+
+# Run folders that are damaged in ways that once hung the server or made it fail (500): each is
+# answered at once, with the damage shown as such.
+
+
+@contextlib.contextmanager
+def fifos(*paths: Path):
+    """FIFOs at `paths`. On the way out any reader still waiting on one is let go: opening the
+    write end and closing it gives it end-of-file, so a failing test cannot hang the server."""
+    for path in paths:
+        os.mkfifo(path)
+    try:
+        yield
+    finally:
+        for path in paths:
+            with contextlib.suppress(OSError):  # ENXIO: no reader, nothing to let go
+                os.close(os.open(path, os.O_WRONLY | os.O_NONBLOCK))
+
+
+def test_fifos_are_unreadable_files_not_hangs(tmp_path, serve_app):
+    run = make_pretrain_run(tmp_path / "r")
+    (run / "run.yaml").unlink()
+    stage = make_pretrain_run(tmp_path / "q")
+    (stage / "metrics.jsonl").unlink()
+    named = [run / n for n in ("run.yaml", "results.json", "tags.json", "report.md", "loss.png")]
+    with fifos(*named, stage / "metrics.jsonl"), serve_app(create_runs_app(tmp_path)) as (url, _):
+        status, body = get(url, "/api/runs", timeout=20)
+        assert status == 200
+        runs = {r["path"]: r for r in body["runs"]}
+        assert runs["r"]["error"] == (
+            "run.yaml: cannot be read (not a regular file); "
+            "results.json: cannot be read (not a regular file); "
+            "tags.json: cannot be read (not a regular file)"
+        )
+        assert runs["r"]["steps"] == 25 and runs["q"]["kind"] == "pretrain"
+        status, details = get(url, "/api/run", {"path": "r"}, timeout=20)
+        files = {f["name"]: f for f in stage_of(details, "pretrain")["files"]}
+        assert status == 200 and files["metrics.jsonl"]["state"] == "ok"
+        for name in ("run.yaml", "report.md"):
+            assert (files[name]["state"], files[name]["note"]) == (
+                "unreadable",
+                "not a regular file",
+            )
+        assert get(url, "/api/metrics", {"path": "q"}, timeout=20)[0] == 404
+        assert get(url, "/api/file", {"path": "r/loss.png"}, timeout=20)[0] == 404
+
+
+def stage_of(run: dict, name: str) -> dict:
+    return next(s for s in run["stages"] if s["name"] == name)
+
+
+def alias_bomb(levels: int) -> str:
+    """YAML whose level n maps ten keys to aliases of level n - 1: 10**levels values once
+    walked, in a few hundred bytes."""
+    lines = ["l0: &l0 {k: 1}"]
+    for n in range(1, levels + 1):
+        aliases = ", ".join(f"k{i}: *l{n - 1}" for i in range(10))
+        lines.append(f"l{n}: &l{n} {{{aliases}}}")
+    return "\n".join(lines) + "\n"
+
+
+def test_yaml_bombs_and_deep_nesting_are_unreadable_configs(tmp_path, serve_app):
+    (make_pretrain_run(tmp_path / "bomb") / "run.yaml").write_text(alias_bomb(6))
+    (make_pretrain_run(tmp_path / "deep") / "run.yaml").write_text("[" * 3000 + "]" * 3000)
+    with serve_app(create_runs_app(tmp_path)) as (url, _):
+        start = time.perf_counter()
+        status, body = get(url, "/api/runs")
+        assert status == 200 and time.perf_counter() - start < 10
+        runs = {r["path"]: r for r in body["runs"]}
+        assert runs["bomb"]["error"] == "run.yaml: YAML aliases are not supported (line 2)"
+        assert runs["deep"]["error"] == "run.yaml: not valid YAML (nested too deeply)"
+        status, run = get(url, "/api/run", {"path": "deep"})
+        config = stage_of(run, "pretrain")["files"][0]
+        assert status == 200 and config["name"] == "run.yaml"
+        assert (config["state"], config["note"]) == (
+            "unreadable",
+            "not valid YAML (nested too deeply)",
+        )
+        assert get(url, "/api/compare", [("path", "bomb"), ("path", "deep")])[0] == 200
+
+
+def test_damaged_sample_lines_are_shown_not_fatal(tmp_path, serve_app):
+    nested = "[" * 900 + "]" * 900  # parses, but deeper than Python recurses
+    lines = [
+        '{"task": "t", "index": NaN, "prompt": "p0"}',
+        '{"task": "t", "choices": ["a", "b"], "gold": NaN, "pred": Infinity}',
+        '{"task": "t", "choices": ["a", "b"], "gold": [1.0, 1], "pred": -Infinity}',
+        f'{{"task": "t", "prompt": {nested}, "scores": {{"deep": {nested}}}}}',
+        f'{{"task": "t", "gold": {{"a": {nested}}}, "output": {nested}}}',
+        "not json",
+    ]
+    run = tmp_path / "ev"
+    run.mkdir()
+    write_json(run / "results.json", {"results": {"t": {"acc": 0.5}}})
+    (run / "samples.jsonl").write_text("\n".join(lines) + "\n")
+    with serve_app(create_runs_app(tmp_path)) as (url, _):
+        status, page = get(url, "/api/samples", {"path": "ev", "task": "t"})
+    assert status == 200 and (page["total"], page["bad_lines"]) == (5, 1)
+    first, second, third, fourth, fifth = page["items"]
+    assert first["index"] is None and first["record"]["index"] == "nan"
+    assert (second["gold"], second["pred"]) == ("nan", "inf")
+    assert (third["gold"], third["pred"]) == ("1.0 | b", "-inf")  # only an int is an index
+    assert fourth["prompt"] == "[...]" and fourth["scores"]["deep"][0][0][0]
+    assert "[...]" in json.dumps(fourth["record"]) and fifth["pred"] == "[...]"
+
+
+def test_overlong_paths_are_refused_clearly(served):
+    for endpoint, path in (
+        ("/api/run", "a" * 300),
+        ("/api/metrics", "a" * 300),
+        ("/api/samples", "full/" + "a" * 300),
+        ("/api/file", "d/" * 3000 + "x.png"),
+    ):
+        status, body = get(served, endpoint, {"path": path})
+        assert status == 400, (endpoint, body)
+        assert body["error"].endswith(": File name too long")
+
+
+def test_errors_never_say_where_the_runs_are(runs_root, tmp_path, serve_app, monkeypatch):
+    def fails(path):
+        raise OSError(errno.ELOOP, os.strerror(errno.ELOOP), str(Path(path) / "loop.png"))
+
+    monkeypatch.setattr("lmforge.experiments.registry.read_run", fails)
+    (runs_root / "full" / "loop.png").symlink_to("loop.png")
+    with serve_app(create_runs_app(runs_root)) as (url, _):
+        status, body = get(url, "/api/runs")
+        assert status == 200
+        assert {r["error"] for r in body["runs"] if r["path"] != "linked"} == {
+            "unreadable (Too many levels of symbolic links)"
+        }
+        answers = [body, *everything(url, body)]
+    assert str(tmp_path) not in json.dumps(answers)
+
+
+def everything(url: str, listing: dict) -> list:
+    """The answers of every endpoint for every run and stage of `listing`, and of some paths
+    that fail."""
+    answers = []
+    for run in listing["runs"]:
+        status, details = get(url, "/api/run", {"path": run["path"]})
+        answers.append(details)
+        for stage in details.get("stages", []):
+            answers.append(get(url, "/api/metrics", {"path": stage["path"]})[1])
+            answers.append(get(url, "/api/samples", {"path": stage["path"]})[1])
+            answers.append(get(url, "/api/file", {"path": f"{stage['path']}/loss.png"})[1])
+    paths = [("path", r["path"]) for r in listing["runs"]]
+    answers.append(get(url, "/api/compare", paths)[1])
+    for path in ("full/loop.png", "full/loss.png", "full/leak.png", "a" * 300, "x/" * 3000):
+        answers.append(get(url, "/api/file", {"path": path})[1])
+        answers.append(get(url, "/api/run", {"path": path})[1])
+    return [a if isinstance(a, dict) else a.decode("latin-1") for a in answers]
+
+
+@contextlib.contextmanager
+def unprivileged_server(root: Path):
+    """`lmforge ui root`'s app served by a process for which file permissions hold: as root
+    (who may read anything) it runs without capabilities, under setpriv."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    code = (
+        "import sys, uvicorn\n"
+        "from lmforge.web.runs import create_runs_app\n"
+        "app = create_runs_app(sys.argv[1])\n"
+        "uvicorn.run(app, host='127.0.0.1', port=int(sys.argv[2]), log_level='warning')\n"
+    )
+    command = [sys.executable, "-c", code, str(root), str(port)]
+    if os.geteuid() == 0:
+        if shutil.which("setpriv") is None:
+            pytest.skip("running as root without setpriv: permissions cannot be tested")
+        command = ["setpriv", "--bounding-set=-all", "--inh-caps=-all", *command]
+    server = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(300):
+            try:
+                urllib.request.urlopen(url + "/", timeout=1).close()
+                break
+            except OSError:
+                assert server.poll() is None, server.stderr.read()
+                time.sleep(0.1)
+        yield url
+    finally:
+        server.terminate()
+        server.wait(timeout=10)
+
+
+def test_folders_and_files_that_cannot_be_read(runs_root, tmp_path):
+    make_pretrain_run(runs_root / "sealed").chmod(0o000)  # not even listed
+    (runs_root / "pre").chmod(0o644)  # listed, not entered: no file in it can be opened
+    (runs_root / "full" / "loss.png").chmod(0o000)
+    try:
+        with unprivileged_server(runs_root) as url:
+            status, listing = get(url, "/api/runs")
+            answers = [listing, *everything(url, listing)]
+            run = get(url, "/api/run", {"path": "pre"})[1]
+            responses = [
+                get(url, "/api/run", {"path": "sealed"}),
+                get(url, "/api/metrics", {"path": "pre"}),
+                get(url, "/api/file", {"path": "full/loss.png"}),
+            ]
+    finally:
+        (runs_root / "sealed").chmod(0o755)
+        (runs_root / "pre").chmod(0o755)
+    assert status == 200
+    pre = next(r for r in listing["runs"] if r["path"] == "pre")
+    assert pre["kind"] == "pretrain" and pre["error"] == (
+        "run.yaml: cannot be read (Permission denied); "
+        "metrics.jsonl: cannot be read (Permission denied)"
+    )
+    states = {(f["name"], f["state"], f["note"]) for f in stage_of(run, "pretrain")["files"]}
+    assert states == {
+        ("run.yaml", "unreadable", "Permission denied"),
+        ("metrics.jsonl", "unreadable", "Permission denied"),
+    }
+    assert [(status, body["error"]) for status, body in responses] == [
+        (422, "cannot read directory 'sealed': Permission denied"),
+        (422, "cannot open metrics.jsonl in 'pre': Permission denied"),
+        (422, "cannot read loss.png in 'full': Permission denied"),
+    ]
+    assert str(tmp_path) not in json.dumps(answers)
