@@ -17,14 +17,11 @@ import time
 import urllib.request
 
 import pytest
-import torch
 from fastapi import FastAPI
 from fastapi.responses import JSONResponse, Response
 
 from lmforge.infer.sequence import Generation
 from lmforge.infer.server import Server, create_app
-from lmforge.model import ModelConfig, Transformer
-from lmforge.tokenizer import train_bpe
 from lmforge.web import STATIC, add_static
 
 try:
@@ -33,37 +30,6 @@ except ImportError:  # the `browser` fixture then skips these tests (fails them 
     expect = None
 
 ASSISTANT = '[data-role="assistant"]'
-
-
-class Slowed(torch.nn.Module):
-    """The tiny model with an adjustable pause before each forward pass, so that a test can act
-    while an answer is still being generated."""
-
-    def __init__(self, inner: Transformer) -> None:
-        super().__init__()
-        self.inner, self.config, self.delay = inner, inner.config, 0.0
-
-    def forward(self, *args, **kwargs):
-        if self.delay:
-            time.sleep(self.delay)
-        return self.inner(*args, **kwargs)
-
-
-@pytest.fixture(scope="module")
-def tiny():
-    tokenizer = train_bpe(
-        ["hello world, how are you today? fine thanks."] * 30, 300, min_frequency=1
-    )
-    torch.manual_seed(0)
-    config = ModelConfig(
-        vocab_size=tokenizer.vocab_size,
-        d_model=32,
-        n_layers=1,
-        n_heads=2,
-        max_seq_len=256,
-        init_std=0.3,
-    )
-    return Slowed(Transformer(config).eval()), tokenizer
 
 
 def make_server(tiny, api_key: str | None = None) -> Server:

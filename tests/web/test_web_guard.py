@@ -10,34 +10,10 @@ import socket
 import time
 
 import pytest
-import torch
 
 from lmforge.infer.server import Server, create_app
-from lmforge.model import ModelConfig, Transformer
-from lmforge.tokenizer import train_bpe
 from lmforge.web import _host_name
 from lmforge.web.runs import create_runs_app
-
-
-class Slowed(torch.nn.Module):
-    def __init__(self, inner: Transformer) -> None:
-        super().__init__()
-        self.inner, self.config, self.delay = inner, inner.config, 0.0
-
-    def forward(self, *args, **kwargs):
-        if self.delay:
-            time.sleep(self.delay)
-        return self.inner(*args, **kwargs)
-
-
-@pytest.fixture(scope="module")
-def server_parts():
-    tokenizer = train_bpe(["hello world, how are you today?"] * 20, 280, min_frequency=1)
-    torch.manual_seed(0)
-    config = ModelConfig(
-        vocab_size=tokenizer.vocab_size, d_model=32, n_layers=1, n_heads=2, max_seq_len=256
-    )
-    return Slowed(Transformer(config).eval()), tokenizer
 
 
 def get(url: str, path: str, host: str | None = None, key: str | None = None):
@@ -82,8 +58,8 @@ def test_runs_browser_answers_only_local_host_names_without_a_key(tmp_path, serv
         assert get(url, "/api/runs", host="runs.lab.example", key="sk-k")[0] == 200
 
 
-def test_chat_page_server_checks_host_names_only_with_the_ui(server_parts, serve_app):
-    model, tokenizer = server_parts
+def test_chat_page_server_checks_host_names_only_with_the_ui(tiny, serve_app):
+    model, tokenizer = tiny
     with serve_app(create_app(Server(model, tokenizer, name="tiny"), ui=True)) as (url, _):
         assert get(url, "/v1/models")[0] == 200
         assert get(url, "/v1/models", host="attacker.example")[0] == 403
@@ -93,10 +69,10 @@ def test_chat_page_server_checks_host_names_only_with_the_ui(server_parts, serve
         assert get(url, "/v1/models", host="gpu-box.internal")[0] == 200
 
 
-def test_disconnect_still_cancels_a_plain_answer_with_the_ui(server_parts, serve_app):
+def test_disconnect_still_cancels_a_plain_answer_with_the_ui(tiny, serve_app):
     """The guard passes a client's disconnect through: an abandoned non-streamed request (the
     page sends those for self-consistency) frees its engine slot."""
-    model, tokenizer = server_parts
+    model, tokenizer = tiny
     server = Server(model, tokenizer, name="tiny", default_max_tokens=100)
     engine = server.engine
     with serve_app(create_app(server, ui=True)) as (url, _):
