@@ -30,7 +30,7 @@ from lmforge.model.config import PLAIN
 log = logging.getLogger("lmforge.fast_decode")
 SOURCE = Path(__file__).parent / "csrc" / "decode_step.cpp"
 NAME = "lmforge_decode_step"
-_ACTS = {"swiglu": 0, "gelu": 1, "geglu": 1, "gelu_tanh": 2, "relu": 3}
+_ACTS = {"swiglu": 0, "gelu": 1, "geglu": 1, "gelu_tanh": 2, "geglu_tanh": 2, "relu": 3}
 _build_lock = threading.Lock()
 _extension = None
 _build_error: str | None = None

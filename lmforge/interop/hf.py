@@ -272,15 +272,20 @@ def _bert_config(hf: dict) -> ModelConfig:
     )
 
 
-T5_ACTIVATIONS = {"relu": "relu", "gelu": "gelu", "gated-silu": "swiglu"}
+# T5 v1.1 and Flan-T5 say "gated-gelu", which transformers runs with the tanh GeLU ("gelu_new").
+T5_ACTIVATIONS = {
+    "relu": "relu",
+    "gelu": "gelu",
+    "gated-silu": "swiglu",
+    "gated-gelu": "geglu_tanh",
+}
 
 
 def _t5_config(hf: dict) -> ModelConfig:
     proj = hf.get("feed_forward_proj", "relu")
     if proj not in T5_ACTIVATIONS:
         raise ConfigError(
-            f"T5 feed_forward_proj {proj!r} is not supported: relu, gelu or gated-silu "
-            "(gated-gelu uses the tanh GeLU inside GeGLU, which lmforge does not have)"
+            f"T5 feed_forward_proj {proj!r} is not supported: relu, gelu, gated-silu or gated-gelu"
         )
     d_model = _need(hf, "d_model")
     # transformers >= 5 writes scale_decoder_outputs; older files say it by tying the output

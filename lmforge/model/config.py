@@ -14,7 +14,7 @@ def round_up(n: int, multiple: int = 64) -> int:
     return multiple * ((n + multiple - 1) // multiple)
 
 
-GATED_MLPS = ("swiglu", "geglu")
+GATED_MLPS = ("swiglu", "geglu", "geglu_tanh")
 BIAS_POSITIONS = ("t5_bias", "alibi")  # positions added to the attention scores
 
 # ModelConfig fields beyond the Llama/GPT-2 families, with their plain (causal decoder) values:
@@ -80,10 +80,11 @@ class ModelConfig:
     final_norm: bool | None = field_(
         None, "a norm after the last block (None: yes for pre/sandwich-norm, no for post-norm)"
     )
-    mlp: Literal["relu", "gelu", "gelu_tanh", "swiglu", "geglu"] = field_(
+    mlp: Literal["relu", "gelu", "gelu_tanh", "swiglu", "geglu", "geglu_tanh"] = field_(
         "swiglu",
         "feed-forward: ReLU (T5, Transformer), GeLU (BERT; gelu_tanh is GPT-2's) or the gated "
-        "SwiGLU (Llama, PaLM) / GeGLU (Shazeer 2020)",
+        "SwiGLU (Llama, PaLM) / GeGLU (Shazeer 2020; geglu_tanh with the tanh GeLU: T5 v1.1, "
+        "Flan-T5, Gemma)",
     )
     ff_two_thirds: bool = field_(
         True, "gated MLPs with d_ff unset: 2/3 * 4*d_model (rounded to 64) to keep a 4d MLP's size"

@@ -64,8 +64,15 @@ def step_both(model, decoder, lengths: list[int]) -> tuple[torch.Tensor, torch.T
 
 @pytest.mark.parametrize(
     "overrides",
-    [{}, {"n_kv_heads": 1}, {"n_kv_heads": 4, "bias": True}, GPT2, {**GPT2, "mlp": "relu"}],
-    ids=["gqa", "mqa", "mha-bias", "gpt2", "relu"],
+    [
+        {},
+        {"n_kv_heads": 1},
+        {"n_kv_heads": 4, "bias": True},
+        GPT2,
+        {**GPT2, "mlp": "relu"},
+        {"mlp": "geglu_tanh"},
+    ],
+    ids=["gqa", "mqa", "mha-bias", "gpt2", "relu", "geglu-tanh"],
 )
 @pytest.mark.parametrize("lengths", [[7], [5, 5, 5], [3, 11, 6]], ids=["one", "uniform", "ragged"])
 def test_logits_match_the_python_model(ext, overrides, lengths):

@@ -183,6 +183,8 @@ T5_SIZES = dict(
 T5_CASES = {
     "t5-relu-scaled": dict(feed_forward_proj="relu"),
     "t5-gated-silu-unscaled": dict(feed_forward_proj="gated-silu", tie_word_embeddings=False),
+    # T5 v1.1 / Flan-T5: GeGLU with the tanh GeLU, untied output layer
+    "t5-v1.1-gated-gelu": dict(feed_forward_proj="gated-gelu", tie_word_embeddings=False),
 }
 
 

@@ -106,6 +106,7 @@ def test_post_norm_has_no_final_norm_by_default_and_embed_norm_applies():
         ("gelu_tanh", lambda h: F.gelu(h, approximate="tanh"), False),
         ("swiglu", F.silu, True),
         ("geglu", F.gelu, True),
+        ("geglu_tanh", lambda h: F.gelu(h, approximate="tanh"), True),
     ],
 )
 def test_mlp_variants(kind, act, gated):
