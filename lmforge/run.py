@@ -520,4 +520,5 @@ def run(config: RunConfig) -> Path:
         )
     )
     print(f"\nreport: {report}")
+    print(f"browse it with curves and samples: lmforge ui {out.parent}")
     return report
