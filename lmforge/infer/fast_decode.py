@@ -8,14 +8,15 @@ Python model (same kernels, same order), so its logits match the model's to fp32
 a model that qualifies (`unsupported` says why one does not; prefill stays in Python, where the
 matmuls dominate).
 
-The extension is compiled on first use with the system's C++ compiler (~20-40 s, once: PyTorch
-caches the build under ~/.cache/torch_extensions and rebuilds only when the source changes).
+The extension is compiled on first use with the system's C++ compiler (~20-40 s, once per Python
+environment: the build is cached under ~/.cache/lmforge/decode_step/).
 Without a compiler, or with LMFORGE_FAST_DECODE=0, the engine runs the Python model; nothing
 else changes.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sys
@@ -40,6 +41,43 @@ def enabled() -> bool:
     return os.environ.get("LMFORGE_FAST_DECODE", "1") not in ("0", "false", "no")
 
 
+def build_directory() -> Path:
+    """Where the extension is built: one folder per source text, torch version and Python
+    environment, so two virtual environments (each compiles against its own torch headers)
+    never rebuild each other's copy, and an edited source never meets a stale build."""
+    import hashlib
+
+    key = hashlib.sha256(
+        b"\0".join(
+            [
+                SOURCE.read_bytes(),
+                torch.__version__.encode(),
+                sys.prefix.encode(),
+                sys.version.encode(),
+            ]
+        )
+    ).hexdigest()[:16]
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return cache / "lmforge" / "decode_step" / key
+
+
+@contextlib.contextmanager
+def _build_guard(directory: Path):
+    """Hold an OS file lock while building or loading. PyTorch's own lock is a file that a
+    killed build (Ctrl-C during the first compile) leaves behind, after which every later load
+    waits for it forever; an flock dies with its process, so whoever holds it knows any such
+    file is stale and removes it."""
+    try:
+        import fcntl
+    except ImportError:  # Windows: PyTorch's lock alone
+        yield
+        return
+    with open(directory / "lmforge.lock", "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        (directory / "lock").unlink(missing_ok=True)
+        yield
+
+
 def extension():
     """The compiled module, building it on first use; None (with the reason logged once) if it
     cannot be built here."""
@@ -47,16 +85,20 @@ def extension():
     with _build_lock:
         if _extension is None and _build_error is None:
             try:
-                from torch.utils.cpp_extension import _get_build_directory, load
+                from torch.utils.cpp_extension import load
 
-                built = Path(_get_build_directory(NAME, False)) / f"{NAME}.so"
-                if not built.exists():
-                    print(
-                        "lmforge: compiling the C++ decode step (once, ~30 s)",
-                        file=sys.stderr,
-                        flush=True,
+                directory = build_directory()
+                directory.mkdir(parents=True, exist_ok=True)
+                with _build_guard(directory):
+                    if not (directory / f"{NAME}.so").exists():
+                        print(
+                            "lmforge: compiling the C++ decode step (once, ~30 s)",
+                            file=sys.stderr,
+                            flush=True,
+                        )
+                    _extension = load(
+                        NAME, [str(SOURCE)], extra_cflags=["-O2"], build_directory=str(directory)
                     )
-                _extension = load(NAME, [str(SOURCE)], extra_cflags=["-O2"])
             except Exception as e:  # no compiler, no ninja, a broken toolchain: Python decodes
                 last = (str(e).strip().splitlines() or [""])[-1]
                 _build_error = f"{type(e).__name__}: {last}"

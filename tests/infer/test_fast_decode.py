@@ -190,3 +190,15 @@ def test_an_adapter_added_after_the_engine_was_built_is_honoured(ext, monkeypatc
     prompt = [1, 2, 3, 4]
     expected = greedy(Engine(model, max_batch=1), [prompt], 8)
     assert greedy(engine, [prompt], 8) == expected
+
+
+def test_a_build_killed_midway_does_not_block_later_loads(ext):
+    """PyTorch's build lock is a plain file: a first compile interrupted by Ctrl-C leaves it,
+    and without lmforge's own OS lock every later load would wait for it forever."""
+    import subprocess
+    import sys
+
+    (fast_decode.build_directory() / "lock").touch()  # what the killed build left behind
+    code = "from lmforge.infer import fast_decode; assert fast_decode.extension() is not None"
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+    assert not (fast_decode.build_directory() / "lock").exists()
