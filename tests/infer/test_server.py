@@ -12,30 +12,14 @@ import urllib.request
 
 import numpy as np
 import pytest
-import torch
 
 from lmforge.errors import LmforgeError
 from lmforge.infer.server import Demo, LmforgeOptions, Server, create_app, serve
-from lmforge.model import ModelConfig, Transformer
-from lmforge.tokenizer import train_bpe
 
 openai = pytest.importorskip("openai")
 uvicorn = pytest.importorskip("uvicorn")
 
 KEY = "sk-test"
-
-
-class Slowed(torch.nn.Module):
-    """A model whose forward pass can be made slow, so a test can act mid-generation."""
-
-    def __init__(self, inner: Transformer) -> None:
-        super().__init__()
-        self.inner, self.config, self.delay = inner, inner.config, 0.0
-
-    def forward(self, *args, **kwargs):
-        if self.delay:
-            time.sleep(self.delay)
-        return self.inner(*args, **kwargs)
 
 
 def free_port() -> int:
@@ -45,20 +29,8 @@ def free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def served():
-    tokenizer = train_bpe(
-        ["hello world, how are you today? fine thanks."] * 30, 300, min_frequency=1
-    )
-    torch.manual_seed(0)
-    config = ModelConfig(
-        vocab_size=tokenizer.vocab_size,
-        d_model=32,
-        n_layers=1,
-        n_heads=2,
-        max_seq_len=256,
-        init_std=0.3,
-    )
-    model = Slowed(Transformer(config).eval())
+def served(chat_model):
+    model, tokenizer = chat_model
     server = Server(
         model, tokenizer, name="tiny", api_key=KEY, max_batch=4, max_n=4, default_max_tokens=8
     )

@@ -16,7 +16,6 @@ import time
 from collections.abc import Iterator
 
 import pytest
-import torch
 
 CHROMIUM = os.environ.get("LMFORGE_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
 # Without the background-networking flags Chromium keeps dialling Google's hosts, which this
@@ -102,38 +101,3 @@ def live_server(app, port: int | None = None) -> Iterator[tuple[str, object]]:
 def serve_app():
     """`live_server` for tests (a test module cannot import this conftest by name reliably)."""
     return live_server
-
-
-class Slowed(torch.nn.Module):
-    """A model with an adjustable pause before each forward pass, so that a test can act while
-    an answer is still being generated (stop it, cut the connection)."""
-
-    def __init__(self, inner) -> None:
-        super().__init__()
-        self.inner, self.config, self.delay = inner, inner.config, 0.0
-
-    def forward(self, *args, **kwargs):
-        if self.delay:
-            time.sleep(self.delay)
-        return self.inner(*args, **kwargs)
-
-
-@pytest.fixture(scope="session")
-def tiny():
-    """(Slowed tiny random-weight model, its BPE tokenizer) for the chat server's tests."""
-    from lmforge.model import ModelConfig, Transformer
-    from lmforge.tokenizer import train_bpe
-
-    tokenizer = train_bpe(
-        ["hello world, how are you today? fine thanks."] * 30, 300, min_frequency=1
-    )
-    torch.manual_seed(0)
-    config = ModelConfig(
-        vocab_size=tokenizer.vocab_size,
-        d_model=32,
-        n_layers=1,
-        n_heads=2,
-        max_seq_len=256,
-        init_std=0.3,
-    )
-    return Slowed(Transformer(config).eval()), tokenizer

@@ -32,11 +32,17 @@ except ImportError:  # the `browser` fixture then skips these tests (fails them 
 ASSISTANT = '[data-role="assistant"]'
 
 
-def make_server(tiny, api_key: str | None = None) -> Server:
-    model, tokenizer = tiny
+def make_server(chat_model, api_key: str | None = None) -> Server:
+    model, tokenizer = chat_model
     model.delay = 0.0
     return Server(
-        model, tokenizer, name="tiny", api_key=api_key, max_batch=2, max_n=4, default_max_tokens=8
+        model,
+        tokenizer,
+        name="tiny",
+        api_key=api_key,
+        max_batch=2,
+        max_n=4,
+        default_max_tokens=8,
     )
 
 
@@ -57,12 +63,12 @@ class Script:
 
 
 @pytest.fixture
-def served(tiny, serve_app):
+def served(chat_model, serve_app):
     """(server, base URL, uvicorn server): a fresh Server with its own engine, chat page on."""
-    server = make_server(tiny)
+    server = make_server(chat_model)
     with serve_app(create_app(server, ui=True)) as (url, uv):
         yield server, url, uv
-    tiny[0].delay = 0.0
+    chat_model[0].delay = 0.0
 
 
 def open_chat(page, url: str) -> None:
@@ -299,7 +305,7 @@ def test_model_text_cannot_inject_html_or_script(page, served):
     assert page.errors == []  # not even a blocked attempt (CSP reports would be errors)
 
 
-def test_server_going_away_mid_stream_and_coming_back(page, served, tiny, serve_app):
+def test_server_going_away_mid_stream_and_coming_back(page, served, chat_model, serve_app):
     server, url, uv = served
     server.engine.model.delay = 0.05
     open_chat(page, url)
@@ -336,7 +342,7 @@ def test_server_going_away_mid_stream_and_coming_back(page, served, tiny, serve_
 
     # The server comes back on the same address (a restart): the same page carries on.
     server.engine.model.delay = 0.0
-    back = make_server(tiny)
+    back = make_server(chat_model)
     Script(back, "back again")
     with serve_app(create_app(back, ui=True), port=port) as (again, _):
         assert again == url
@@ -372,8 +378,8 @@ def test_phone_width_has_no_horizontal_scrolling(page, served):
     assert page.errors == []
 
 
-def test_api_key_is_asked_for_and_used(page, tiny, serve_app):
-    server = make_server(tiny, api_key="sk-ui")
+def test_api_key_is_asked_for_and_used(page, chat_model, serve_app):
+    server = make_server(chat_model, api_key="sk-ui")
     Script(server, "welcome")
     with serve_app(create_app(server, ui=True)) as (url, _):
         page.goto(url)
@@ -659,13 +665,13 @@ def _get(url: str, path: str) -> tuple[int, dict, bytes]:
     return out
 
 
-def test_page_is_served_only_with_ui_and_only_its_files(tiny, serve_app):
-    server = make_server(tiny)
+def test_page_is_served_only_with_ui_and_only_its_files(chat_model, serve_app):
+    server = make_server(chat_model)
     with serve_app(create_app(server)) as (url, _):
         for path in ("/", "/static/chat.js"):
             status, headers, _ = _get(url, path)
             assert status == 404 and "content-security-policy" not in headers
-    with serve_app(create_app(make_server(tiny), ui=True)) as (url, _):
+    with serve_app(create_app(make_server(chat_model), ui=True)) as (url, _):
         status, headers, page = _get(url, "/")
         assert status == 200 and headers["content-type"].startswith("text/html")
         assert "script-src 'self'" in headers["content-security-policy"]

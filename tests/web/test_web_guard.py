@@ -58,8 +58,8 @@ def test_runs_browser_answers_only_local_host_names_without_a_key(tmp_path, serv
         assert get(url, "/api/runs", host="runs.lab.example", key="sk-k")[0] == 200
 
 
-def test_chat_page_server_checks_host_names_only_with_the_ui(tiny, serve_app):
-    model, tokenizer = tiny
+def test_chat_page_server_checks_host_names_only_with_the_ui(chat_model, serve_app):
+    model, tokenizer = chat_model
     with serve_app(create_app(Server(model, tokenizer, name="tiny"), ui=True)) as (url, _):
         assert get(url, "/v1/models")[0] == 200
         assert get(url, "/v1/models", host="attacker.example")[0] == 403
@@ -69,10 +69,10 @@ def test_chat_page_server_checks_host_names_only_with_the_ui(tiny, serve_app):
         assert get(url, "/v1/models", host="gpu-box.internal")[0] == 200
 
 
-def test_disconnect_still_cancels_a_plain_answer_with_the_ui(tiny, serve_app):
+def test_disconnect_still_cancels_a_plain_answer_with_the_ui(chat_model, serve_app):
     """The guard passes a client's disconnect through: an abandoned non-streamed request (the
     page sends those for self-consistency) frees its engine slot."""
-    model, tokenizer = tiny
+    model, tokenizer = chat_model
     server = Server(model, tokenizer, name="tiny", default_max_tokens=100)
     engine = server.engine
     with serve_app(create_app(server, ui=True)) as (url, _):
