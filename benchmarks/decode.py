@@ -26,6 +26,15 @@ from lmforge.infer.sampling import SamplingParams
 from lmforge.interop.gguf import smollm2_path
 from lmforge.interop.hf import export_hf
 
+# Scratch folders (HF exports, run outputs of hundreds of MB) live under one temporary folder
+# that is removed when the script exits.
+_SCRATCH = tempfile.TemporaryDirectory(prefix="lmforge-bench-")
+
+
+def scratch() -> str:
+    return tempfile.mkdtemp(dir=_SCRATCH.name)
+
+
 PROMPT_TEXT = (
     "Large language models are trained on vast amounts of text to predict the next token. "
     "After pre-training they are adapted with instruction tuning and alignment, then evaluated "
@@ -125,7 +134,7 @@ def main() -> None:
     if not args.skip_transformers:
         from transformers import LlamaForCausalLM
 
-        directory = tempfile.mkdtemp()
+        directory = scratch()
         export_hf(model, directory)
         hf = LlamaForCausalLM.from_pretrained(directory, attn_implementation="sdpa").eval()
         runners["transformers"] = transformers_runs(hf, batch, n)

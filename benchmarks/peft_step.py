@@ -25,6 +25,15 @@ import time
 
 import torch
 
+# Scratch folders (HF exports, run outputs of hundreds of MB) live under one temporary folder
+# that is removed when the script exits.
+_SCRATCH = tempfile.TemporaryDirectory(prefix="lmforge-bench-")
+
+
+def scratch() -> str:
+    return tempfile.mkdtemp(dir=_SCRATCH.name)
+
+
 BATCH, SEQ, R, TARGETS = 4, 128, 8, ["q_proj", "k_proj", "v_proj", "o_proj"]
 
 
@@ -104,7 +113,7 @@ def paired(pairs: int) -> None:
     from lmforge.interop.hf import export_hf
     from lmforge.loading import load
 
-    hf_dir = tempfile.mkdtemp()
+    hf_dir = scratch()
     export_hf(load("smollm2"), hf_dir)
     steps = {"lmforge": _setup("lmforge-lora", hf_dir)[0], "PEFT": _setup("peft-lora", hf_dir)[0]}
     for step in steps.values():
@@ -136,7 +145,7 @@ def quality(steps: int, methods: list[str]) -> list[dict]:
     for method in methods:
         model = load("smollm2")
         cfg = SFTConfig(
-            model="smollm2", method=method, out=tempfile.mkdtemp(), synthetic_per_task=100,
+            model="smollm2", method=method, out=scratch(), synthetic_per_task=100,
             synthetic_tasks=["comparison", "unit_conversion"], languages=["en"], eval_items=10,
             max_new_tokens=40, packing=method != "prompt",
         )  # fmt: skip
@@ -155,7 +164,7 @@ def speed(kinds: list[str], rounds: int, steps: int) -> None:
     from lmforge.interop.hf import export_hf
     from lmforge.loading import load
 
-    hf_dir = tempfile.mkdtemp()
+    hf_dir = scratch()
     export_hf(load("smollm2"), hf_dir)
     results: dict[str, dict] = {}
     for _ in range(rounds):

@@ -27,6 +27,15 @@ from pathlib import Path
 
 import torch
 
+# Scratch folders (HF exports, run outputs of hundreds of MB) live under one temporary folder
+# that is removed when the script exits.
+_SCRATCH = tempfile.TemporaryDirectory(prefix="lmforge-bench-")
+
+
+def scratch() -> str:
+    return tempfile.mkdtemp(dir=_SCRATCH.name)
+
+
 BATCH, SEQ, R = 4, 128, 8
 
 
@@ -93,7 +102,7 @@ def prepare_bases(directory: Path) -> dict:
 
 
 def speed(rounds: int, steps: int) -> None:
-    bases = Path(tempfile.mkdtemp())
+    bases = Path(scratch())
     sizes = prepare_bases(bases)
     print(f"blocks' linear weights: fp32 {sizes['fp32_linear_mb']:.0f} MB, "
           f"NF4 {sizes['nf4_linear_mb']:.0f} MB", flush=True)  # fmt: skip
@@ -144,7 +153,7 @@ def quality(steps: int, kinds: list[str]) -> None:
         if kind == "qlora":
             quantize_base_nf4(model)
         cfg = SFTConfig(
-            model="smollm2", method="lora", out=tempfile.mkdtemp(), synthetic_per_task=100,
+            model="smollm2", method="lora", out=scratch(), synthetic_per_task=100,
             synthetic_tasks=["comparison", "unit_conversion"], languages=["en"], eval_items=10,
             max_new_tokens=40,
         )  # fmt: skip

@@ -21,6 +21,15 @@ from lmforge.model import ModelConfig, Transformer
 from lmforge.train.perf import measure_matmul_peak
 from lmforge.train.trainer import TrainConfig, Trainer
 
+# Scratch folders (HF exports, run outputs of hundreds of MB) live under one temporary folder
+# that is removed when the script exits.
+_SCRATCH = tempfile.TemporaryDirectory(prefix="lmforge-bench-")
+
+
+def scratch() -> str:
+    return tempfile.mkdtemp(dir=_SCRATCH.name)
+
+
 SIZES = {
     "7M": dict(d_model=256, n_layers=4, n_heads=4, d_ff=688),
     "34M": dict(d_model=512, n_layers=8, n_heads=8, d_ff=1376),
@@ -71,7 +80,7 @@ def lmforge_step_fn(shape: dict, compile: bool):
     config = ModelConfig(vocab_size=VOCAB, max_seq_len=SEQ, tie_embeddings=False, **shape)
     torch.manual_seed(0)
     model = Transformer(config)
-    out = tempfile.mkdtemp()
+    out = scratch()
     train = TrainConfig(
         steps=10**6,
         batch_size=BATCH,
