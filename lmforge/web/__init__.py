@@ -17,7 +17,8 @@ from starlette.datastructures import Headers, MutableHeaders
 
 STATIC = Path(__file__).parent / "static"
 
-# 'self' only; data: images for the canvas export; no inline script, no eval, no framing.
+# 'self' only (data: images: the runs browser shows report images it fetched with the API key);
+# no inline script, no eval, no framing.
 CSP = (
     "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
     "connect-src 'self'; object-src 'none'; base-uri 'none'; frame-ancestors 'none'; "
