@@ -1,4 +1,3 @@
-import contextlib
 import json
 import os
 import shutil
@@ -320,20 +319,6 @@ def test_memory_stays_bounded_by_the_chunk_not_the_file(tmp_path):
 # that cannot be entered. Each is a problem of its run, found at once.
 
 
-@contextlib.contextmanager
-def fifos(*paths):
-    """FIFOs at `paths`. On the way out any reader still waiting on one is let go: opening the
-    write end and closing it gives it end-of-file, so a failing test cannot hang the session."""
-    for path in paths:
-        os.mkfifo(path)
-    try:
-        yield
-    finally:
-        for path in paths:
-            with contextlib.suppress(OSError):  # ENXIO: no reader, nothing to let go
-                os.close(os.open(path, os.O_WRONLY | os.O_NONBLOCK))
-
-
 def within(seconds, read, *args):
     """read(*args), which must return within `seconds`."""
     result = []
@@ -344,7 +329,7 @@ def within(seconds, read, *args):
     return result[0]
 
 
-def test_fifos_and_devices_are_problems_not_hangs(root):
+def test_fifos_and_devices_are_problems_not_hangs(root, fifos):
     a, b = root / "a", root / "b"
     (a / "run.yaml").unlink()
     (a / "tags.json").symlink_to("/dev/zero")  # reading it never ends

@@ -341,27 +341,11 @@ def test_self_consistency_votes_over_samples(client, scripted):
     assert all(p.endswith("Let's think step by step.") for p in prompts)
 
 
-def test_disconnect_while_waiting_for_a_plain_answer_frees_the_slot(served):
+def test_disconnect_while_waiting_for_a_plain_answer_frees_the_slot(served, abandon_request):
     server = served[0]
     engine, before = server.engine, server.engine.stats.cancelled
     port = int(served[1].split(":")[2].split("/")[0])
-    body = json.dumps({"model": "tiny", "prompt": "hello", "max_tokens": 100}).encode()
-    head = (
-        f"POST /v1/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {KEY}\r\n"
-        f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
-    ).encode()
-    server.engine.model.delay = 0.02
-    try:
-        with socket.create_connection(("127.0.0.1", port)) as s:
-            s.sendall(head + body)
-            deadline = time.time() + 5
-            while not engine.has_work() and time.time() < deadline:
-                time.sleep(0.01)
-        deadline = time.time() + 5
-        while engine.has_work() and time.time() < deadline:
-            time.sleep(0.02)
-    finally:
-        server.engine.model.delay = 0.0
+    abandon_request(server, port, f"Authorization: Bearer {KEY}\r\n")
     assert not engine.has_work() and engine.stats.cancelled == before + 1
 
 

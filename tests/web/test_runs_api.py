@@ -458,21 +458,7 @@ def test_page_is_light_and_needs_no_other_site(served):
 # answered at once, with the damage shown as such.
 
 
-@contextlib.contextmanager
-def fifos(*paths: Path):
-    """FIFOs at `paths`. On the way out any reader still waiting on one is let go: opening the
-    write end and closing it gives it end-of-file, so a failing test cannot hang the server."""
-    for path in paths:
-        os.mkfifo(path)
-    try:
-        yield
-    finally:
-        for path in paths:
-            with contextlib.suppress(OSError):  # ENXIO: no reader, nothing to let go
-                os.close(os.open(path, os.O_WRONLY | os.O_NONBLOCK))
-
-
-def test_fifos_are_unreadable_files_not_hangs(tmp_path, serve_app):
+def test_fifos_are_unreadable_files_not_hangs(tmp_path, serve_app, fifos):
     run = make_pretrain_run(tmp_path / "r")
     (run / "run.yaml").unlink()
     stage = make_pretrain_run(tmp_path / "q")

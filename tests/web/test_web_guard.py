@@ -5,9 +5,6 @@ reaching the server's handlers."""
 from __future__ import annotations
 
 import http.client
-import json
-import socket
-import time
 
 import pytest
 
@@ -69,30 +66,15 @@ def test_chat_page_server_checks_host_names_only_with_the_ui(chat_model, serve_a
         assert get(url, "/v1/models", host="gpu-box.internal")[0] == 200
 
 
-def test_disconnect_still_cancels_a_plain_answer_with_the_ui(chat_model, serve_app):
+def test_disconnect_still_cancels_a_plain_answer_with_the_ui(
+    chat_model, serve_app, abandon_request
+):
     """The guard passes a client's disconnect through: an abandoned non-streamed request (the
     page sends those for self-consistency) frees its engine slot."""
     model, tokenizer = chat_model
     server = Server(model, tokenizer, name="tiny", default_max_tokens=100)
     engine = server.engine
     with serve_app(create_app(server, ui=True)) as (url, _):
-        port = int(url.rsplit(":", 1)[1])
-        body = json.dumps({"model": "tiny", "prompt": "hello", "max_tokens": 100}).encode()
-        head = (
-            f"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
-            f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
-        ).encode()
-        model.delay = 0.02
-        try:
-            with socket.create_connection(("127.0.0.1", port)) as s:
-                s.sendall(head + body)
-                deadline = time.time() + 5
-                while not engine.has_work() and time.time() < deadline:
-                    time.sleep(0.01)
-            deadline = time.time() + 5
-            while engine.has_work() and time.time() < deadline:
-                time.sleep(0.02)
-        finally:
-            model.delay = 0.0
+        abandon_request(server, int(url.rsplit(":", 1)[1]))
         assert not engine.has_work() and engine.stats.cancelled == 1
         assert engine.stats.generated_tokens < 100
